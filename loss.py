@@ -1,0 +1,192 @@
+"""InfoNCE, the contrastive loss of bi-encoders (DPR, E5, BGE): a readable reference, a fused version that never
+holds the full logit matrix, and the cross-device gather.
+
+For query i with embedding q_i and the documents d_1..d_N of the batch (its own positive among them):
+
+    loss_i = -log( exp(s(q_i, d_target(i)) / τ) / sum_j exp(s(q_i, d_j) / τ) )       s = dot product (cosine
+                                                                                        when embeddings are unit)
+i.e. cross-entropy over "which of the N documents is my positive?". Every other document is a negative: the
+other queries' positives and hard negatives ("in-batch negatives") and query i's own mined hard negatives.
+
+Layout: documents come per query, [p_0, n_0,1 .. n_0,G-1, p_1, n_1,1 ..], G = group_size, so the target of
+query i is column i*G. (Several libraries shipped the wrong label here: with hard negatives it is not i.)
+
+The temperature τ: cosines live in [-1, 1], so without scaling the softmax is nearly uniform and the gradient
+tiny. Dividing by τ = 0.02 stretches them to [-50, 50]: the loss then focuses on the few negatives that score
+close to the positive (the hard ones). Too small a τ overfits to noise and false negatives; BGE uses 0.02,
+sentence-transformers 0.05 (its "scale 20").
+
+False negatives: a document that is also a positive of query i (a duplicate, or a shared positive of another
+query in the batch) is not a negative of i. With d_keys (N,) (integer keys of the documents, e.g. hashes of
+their ids) and q_pos_keys (B, P) (keys of each query's positives, padded with -1), such documents leave query
+i's denominator; its own target stays.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def false_negative_mask(d_keys, q_pos_keys, targets, cols=None):
+    """(B, C) bool, True where document j is a positive of query i but not its target. cols: the global column
+    index of each document when d_keys is a tile of the documents."""
+    cols = torch.arange(d_keys.shape[0], device=d_keys.device) if cols is None else cols
+    is_pos = (d_keys[None, :, None] == q_pos_keys[:, None, :]) & (q_pos_keys[:, None, :] != -1)  # (B, C, P)
+    return is_pos.any(-1) & (cols[None, :] != targets[:, None])
+
+
+def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None):
+    """The reference: q (B, D), d (N, D) laid out per query -> mean loss over the B queries (a scalar).
+    The target of query i is (offset + i) * group_size; offset is non-zero when the B queries are one rank's slice
+    of a gathered batch."""
+    with torch.autocast(q.device.type, enabled=False):  # logits in float32 (float64 stays float64)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        scores = q.to(dtype) @ d.to(dtype).T / temp  # (B, N)
+        targets = (offset + torch.arange(q.shape[0], device=q.device)) * group_size  # (B,)
+        if d_keys is not None:
+            scores = scores.masked_fill(false_negative_mask(d_keys, q_pos_keys, targets), float("-inf"))
+        return F.cross_entropy(scores, targets)
+
+
+@torch.no_grad()
+def accuracy(q, d, group_size, offset=0, rows=1024):
+    """In-batch accuracy: the fraction of queries whose best-scoring document is their positive (B rows at a
+    time, so it never holds the full matrix either)."""
+    targets = (offset + torch.arange(q.shape[0], device=q.device)) * group_size
+    best = torch.cat([(q[i:i + rows].float() @ d.float().T).argmax(1) for i in range(0, q.shape[0], rows)])
+    return (best == targets).float().mean().item()
+
+
+# ------------------------------------------------------------------------------------------------ fused loss
+#
+# fused_info_nce computes exactly info_nce, tile by tile, the way flash-attention computes a softmax:
+#   forward:  for each (rows, cols) tile of the logit matrix, logsumexp over the tile's columns, combined across
+#             tiles (logaddexp is associative), so each row ends with lse_i = log sum_j exp(s_ij / τ).
+#             loss_i = lse_i - s_i,target / τ; only lse (B,) is saved for backward, never the (B, N) logits.
+#   backward: d loss_i / d s_ij = (softmax_ij - [j == target]) / τ, with softmax_ij = exp(s_ij / τ - lse_i)
+#             recomputed per tile; dq += P @ d_tile, dd_tile += P.T @ q_rows (two matmuls a tile); the one-hot
+#             target term is subtracted once, outside the loop.
+# Peak extra memory: one tile, instead of the (B, N) logits, their softmax and their gradient.
+
+def _tile_logits(q, d, inv_temp):
+    """(r, D) x (c, D) -> (r, c) logits, accumulated and returned in float32 (float64 stays float64)."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(q, d.T, out_dtype=torch.float32) * inv_temp  # bf16 tensor cores, fp32 output
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    return (q.to(dtype) @ d.to(dtype).T) * inv_temp
+
+
+def _masked_tile(q, d, inv_temp, d_keys, q_pos_keys, targets, cols):
+    s = _tile_logits(q, d, inv_temp)
+    if d_keys is not None:
+        s = s.masked_fill(false_negative_mask(d_keys, q_pos_keys, targets, cols), float("-inf"))
+    return s
+
+
+def _tile_lse(q, d, inv_temp, d_keys, q_pos_keys, targets, cols):
+    return torch.logsumexp(_masked_tile(q, d, inv_temp, d_keys, q_pos_keys, targets, cols), dim=1)  # (r,)
+
+
+def _tile_grads(q, d, inv_temp, lse, g, d_keys, q_pos_keys, targets, cols):
+    """Gradient of sum_i g_i * lse_i with respect to the tile's q rows and d columns."""
+    p = torch.exp(_masked_tile(q, d, inv_temp, d_keys, q_pos_keys, targets, cols) - lse[:, None])  # softmax (r, c)
+    p = p * (g[:, None] * inv_temp)
+    return p @ d.to(p.dtype), p.T @ q.to(p.dtype)  # (r, D), (c, D)
+
+
+_compiled = {}
+
+
+def _kernels(compile):
+    """The per-tile functions, compiled with torch.compile when asked (on CUDA the scale, exp, mask and
+    subtraction then fuse around the matmuls); eager otherwise."""
+    if not compile:
+        return _tile_lse, _tile_grads
+    if not _compiled:
+        _compiled["lse"] = torch.compile(_tile_lse, dynamic=True)
+        _compiled["grads"] = torch.compile(_tile_grads, dynamic=True)
+    return _compiled["lse"], _compiled["grads"]
+
+
+class _FusedInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, d, temp, group_size, offset, d_keys, q_pos_keys, tile, compile):
+        B, N = q.shape[0], d.shape[0]
+        rows, cols_per_tile = tile
+        tile_lse, _ = _kernels(compile)
+        targets = (offset + torch.arange(B, device=q.device)) * group_size  # (B,)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        lse = torch.full((B,), float("-inf"), dtype=dtype, device=q.device)
+        for r in range(0, B, rows):
+            for c in range(0, N, cols_per_tile):
+                cols = torch.arange(c, min(c + cols_per_tile, N), device=q.device)
+                lse[r:r + rows] = torch.logaddexp(lse[r:r + rows], tile_lse(
+                    q[r:r + rows], d[c:c + cols_per_tile], 1.0 / temp,
+                    None if d_keys is None else d_keys[c:c + cols_per_tile],
+                    None if q_pos_keys is None else q_pos_keys[r:r + rows], targets[r:r + rows], cols))
+        target_logit = (q.to(dtype) * d[targets].to(dtype)).sum(-1) / temp  # (B,)
+        ctx.save_for_backward(q, d, lse, targets, d_keys, q_pos_keys)
+        ctx.temp, ctx.tile, ctx.compile = temp, tile, compile
+        return (lse - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, d, lse, targets, d_keys, q_pos_keys = ctx.saved_tensors
+        B, N = q.shape[0], d.shape[0]
+        rows, cols_per_tile = ctx.tile
+        _, tile_grads = _kernels(ctx.compile)
+        g = (grad_out / B).to(lse.dtype).expand(B)  # d mean / d loss_i
+        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
+        dd = torch.zeros(d.shape, dtype=lse.dtype, device=d.device)
+        for r in range(0, B, rows):
+            for c in range(0, N, cols_per_tile):
+                cols = torch.arange(c, min(c + cols_per_tile, N), device=q.device)
+                dq_t, dd_t = tile_grads(q[r:r + rows], d[c:c + cols_per_tile], 1.0 / ctx.temp, lse[r:r + rows],
+                                        g[r:r + rows], None if d_keys is None else d_keys[c:c + cols_per_tile],
+                                        None if q_pos_keys is None else q_pos_keys[r:r + rows],
+                                        targets[r:r + rows], cols)
+                dq[r:r + rows] += dq_t
+                dd[c:c + cols_per_tile] += dd_t
+        # the one-hot target term: d(-s_i,target / τ)
+        dq -= (g / ctx.temp)[:, None] * d[targets].to(dq.dtype)
+        dd.index_add_(0, targets, -(g / ctx.temp)[:, None] * q.to(dd.dtype))
+        return dq.to(q.dtype), dd.to(d.dtype), None, None, None, None, None, None, None
+
+
+def fused_info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, tile=None, compile=None):
+    """Same arguments and result as info_nce, in O(tile) extra memory instead of O(B * N).
+    tile: (rows, cols) of the logit tile; compile: torch.compile the tile functions (default: on CUDA)."""
+    tile = tile or ((4096, 16384) if q.is_cuda else (512, 4096))
+    compile = q.is_cuda if compile is None else compile
+    with torch.autocast(q.device.type, enabled=False):
+        return _FusedInfoNCE.apply(q, d, temp, group_size, offset, d_keys, q_pos_keys, tile, compile)
+
+
+# ------------------------------------------------------------------------------------------------ many devices
+#
+# Convention for W processes (torchrun): each rank embeds its own B/W queries and their documents; documents are
+# all-gathered so every query sees all N documents as negatives; each rank computes the loss of ITS queries
+# against ALL documents, scaled by 1/W, so that the sum over ranks is the mean over all B queries (the loss of
+# one process with the whole batch). The gather's backward sums every rank's gradient for a rank's documents
+# (all-reduce, then the rank's slice), and train.py sums (not averages) parameter gradients over ranks. The
+# result equals one process with the whole batch; tests/test_dist.py checks it.
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (W * n, D), rank r's rows at [r*n, (r+1)*n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's documents: sum their gradients
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather(x):
+    """All-gather along dim 0, differentiably (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)

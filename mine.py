@@ -1,0 +1,148 @@
+"""Stage: model + corpus + train queries -> train jsonl with mined hard negatives.
+
+    python mine.py --dataset beir/scifact/train --out runs/mined.jsonl                    # ranks 10-100, 7 negatives
+    python mine.py --dataset beir/scifact/train --range 10-50 --num_neg 3 --margin 0.95 --out runs/mined.jsonl
+
+For each query: retrieve the top documents with --model (exact inner-product search), then sample --num_neg
+negatives from the rank window --range (0-based, end exclusive, counted among the documents that are not
+positives: 10-100 skips the 10 best, which are the most likely false negatives). Never a positive of the query (by id), never a text equal to the query or to a positive,
+no duplicate texts; with --margin m, only documents scoring below m x the query's lowest positive score
+(positive-aware filtering, NV-Retriever); with --random_frac, that share of the negatives is drawn from the whole
+corpus instead. Deterministic for a --seed. Writes FlagEmbedding's format with ids and scores:
+{"qid", "query", "pos", "pos_ids", "pos_scores", "neg", "neg_ids", "neg_scores"}.
+"""
+import argparse
+import random
+
+import numpy as np
+
+import data
+from encode import encode_texts
+from evaluate import search
+from model import BiEncoder, default_model, pick_device
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# data
+parser.add_argument("--model", default=None, help="Hugging Face folder or checkpoint (default: bundled "
+                                                  "all-MiniLM-L6-v2)")
+parser.add_argument("--dataset", default="beir/scifact/train", help="ir_datasets id, or a BEIR folder with --split")
+parser.add_argument("--split", default=None, help="split of a BEIR folder (usually train)")
+parser.add_argument("--queries", default=None, help="optional file of query ids (one a line) to mine for, e.g. a "
+                                                    "train part that leaves out a dev part")
+# mining
+parser.add_argument("--range", default="10-100", help="rank window to sample from, START-END (0-based, END "
+                                                      "exclusive)")
+parser.add_argument("--num_neg", type=int, default=7, help="negatives a query")
+parser.add_argument("--margin", type=float, default=0.0, help="keep a negative only if its score < margin x the "
+                                                              "query's lowest positive score (0 = off; e.g. 0.95)")
+parser.add_argument("--abs_margin", type=float, default=None, help="keep a negative only if its score < the lowest "
+                                                                   "positive score - abs_margin")
+parser.add_argument("--sampling", default="random", choices=["random", "top"], help="random from the window, or the "
+                                                                                    "highest-ranked ones")
+parser.add_argument("--random_frac", type=float, default=0.0, help="share of negatives drawn from the whole corpus")
+# hardware
+parser.add_argument("--batch_size", type=int, default=128, help="texts per forward pass when encoding")
+parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the encoder")
+parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
+parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+# output
+parser.add_argument("--out", required=True, help="train jsonl to write")
+
+
+def parse_range(text):
+    try:
+        start, end = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise ValueError(f"--range {text!r}: expected START-END, e.g. 10-100") from None
+    if not 0 <= start < end:
+        raise ValueError(f"--range {text!r}: need 0 <= START < END")
+    return start, end
+
+
+def select_negatives(window, query, pos, corpus, args, rng):
+    """Filter one query's window of ranked candidates and sample its hard negatives.
+    window: [(doc_id, score)] best first, positives already removed; pos: {doc_id: score} of its positives.
+    Returns (chosen [(doc_id, score)], the texts now used, counts of what each filter removed)."""
+    floor = min(pos.values())  # the lowest positive score
+    used = {query} | {corpus[p] for p in pos}
+    removed = {"same_text": 0, "margin": 0}
+    kept = []
+    for did, s in window:
+        if corpus[did] in used:
+            removed["same_text"] += 1
+        elif (args.margin and s >= args.margin * floor) or (args.abs_margin is not None
+                                                             and s >= floor - args.abs_margin):
+            removed["margin"] += 1
+        else:
+            used.add(corpus[did])
+            kept.append((did, s))
+    n_hard = args.num_neg - round(args.num_neg * args.random_frac)
+    chosen = kept[:n_hard] if args.sampling == "top" else rng.sample(kept, min(n_hard, len(kept)))
+    return chosen, used, removed
+
+
+def main(args):
+    start, end = parse_range(args.range)
+    device = pick_device(args.device)
+    corpus, queries, qrels = data.load_dataset(args.dataset, args.split)
+    if not qrels:
+        raise data.InputError(f"{args.dataset}: no qrels, so no positives to mine around")
+    qids = sorted(qrels)
+    if args.queries:
+        with open(args.queries) as f:
+            wanted = [line.strip() for line in f if line.strip()]
+        unknown = [q for q in wanted if q not in qrels]
+        if unknown:
+            raise data.InputError(f"{args.queries}: query id {unknown[0]!r} is not in {args.dataset}'s qrels")
+        qids = sorted(set(wanted))
+    model = BiEncoder(args.model or default_model()).to(device)
+    doc_ids = list(corpus)
+    d_emb = encode_texts(model, [corpus[i] for i in doc_ids], "doc", args.batch_size, args.dtype, device)
+    q_emb = encode_texts(model, [queries[q] for q in qids], "query", args.batch_size, args.dtype, device)
+    row_of = {did: i for i, did in enumerate(doc_ids)}
+    max_pos = max(len(qrels[q]) for q in qids)
+    # ask for enough: the window end plus room for positives that will be skipped inside it
+    scores, idx = search(q_emb, d_emb, end + max_pos)
+
+    rows, too_few, totals, neg_scores = [], 0, {"positive": 0, "same_text": 0, "margin": 0}, []
+    for qi, qid in enumerate(qids):
+        rng = random.Random(f"{args.seed}/{qid}")
+        pos_ids = sorted(d for d, g in qrels[qid].items() if g > 0)
+        if not pos_ids:
+            continue
+        pos = {p: float(q_emb[qi] @ d_emb[row_of[p]]) for p in pos_ids}
+        # ranks count among non-positives (faiss gave end + max_pos candidates; -1 pads a short result)
+        ranked = [(doc_ids[j], float(s)) for s, j in zip(scores[qi], idx[qi]) if j >= 0]
+        non_pos = [(d, s) for d, s in ranked if d not in pos]
+        totals["positive"] += len(ranked) - len(non_pos)
+        chosen, used_texts, removed = select_negatives(non_pos[start:end], queries[qid], pos, corpus, args, rng)
+        for k in removed:
+            totals[k] += removed[k]
+        n_random = args.num_neg - len(chosen)
+        if n_random > 0 and args.random_frac > 0:  # fill with random documents from the whole corpus
+            for did in rng.sample(doc_ids, min(len(doc_ids), n_random * 4)):
+                if len(chosen) == args.num_neg:
+                    break
+                if did not in pos and corpus[did] not in used_texts:
+                    used_texts.add(corpus[did])
+                    chosen.append((did, float(q_emb[qi] @ d_emb[row_of[did]])))
+        too_few += len(chosen) < args.num_neg
+        neg_scores += [s for _, s in chosen]
+        rows.append({"qid": qid, "query": queries[qid], "pos": [corpus[p] for p in pos_ids], "pos_ids": pos_ids,
+                     "pos_scores": [pos[p] for p in pos_ids], "neg": [corpus[d] for d, _ in chosen],
+                     "neg_ids": [d for d, _ in chosen], "neg_scores": [s for _, s in chosen]})
+    data.write_jsonl(args.out, rows)
+    pos_all = [s for r in rows for s in r["pos_scores"]]
+    print(f"mined {len(rows)} queries -> {args.out}")
+    print(f"  negatives a query: mean {np.mean([len(r['neg']) for r in rows]):.2f}, wanted {args.num_neg}; "
+          f"{too_few} queries got fewer")
+    print(f"  removed from windows: {totals['positive']} positives, {totals['same_text']} duplicate/identical "
+          f"texts, {totals['margin']} above the margin")
+    if neg_scores:
+        print(f"  scores: positives mean {np.mean(pos_all):.3f}; negatives mean {np.mean(neg_scores):.3f}, "
+              f"min {np.min(neg_scores):.3f}, max {np.max(neg_scores):.3f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

