@@ -92,6 +92,19 @@ def load_dataset(ref, split=None):
     return corpus, queries, qrels
 
 
+def read_ids(path, known):
+    """Sorted query ids from a file (one a line), each of which must be in `known` (e.g. the qrels)."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    ids = set()
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip() and line.strip() not in known:
+                raise InputError(f"{path}:{n}: query id {line.strip()!r} is not in the dataset's qrels")
+            ids.add(line.strip())
+    return sorted(ids - {""})
+
+
 def _doc_text(title, text):
     return ((title or "") + " " + (text or "")).strip()
 
@@ -228,8 +241,9 @@ def epoch_order(n, seed, epoch):
 # ---------------------------------------------------------------------------------------------- errors
 
 def _excepthook(kind, value, tb):
-    """InputError is the user's mistake, not ours: one line, no traceback, exit status 1."""
-    if issubclass(kind, InputError):
+    """Bad user input (ValueError, InputError among them, per DESIGN.md) is the user's to fix, not a bug of ours:
+    one line, no traceback, exit status 1."""
+    if issubclass(kind, ValueError):
         print(f"error: {value}", file=sys.stderr)
     else:
         sys.__excepthook__(kind, value, tb)

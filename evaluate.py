@@ -10,6 +10,7 @@ ties broken by document id; metrics from pytrec_eval (graded qrels), the same co
 out/run.trec (qid Q0 docid rank score tag) and out/metrics.json, and prints a table.
 """
 import argparse
+import json
 import os
 
 import numpy as np
@@ -23,6 +24,8 @@ parser.add_argument("--model", default=None, help="Hugging Face folder or checkp
 parser.add_argument("--emb", default=None, help="an encode.py output folder, instead of --model")
 parser.add_argument("--dataset", default="beir/scifact/test", help="ir_datasets id, or a BEIR folder with --split")
 parser.add_argument("--split", default=None, help="split of a BEIR folder (test, dev, train)")
+parser.add_argument("--queries", default=None, help="file of query ids (one a line): evaluate only these, e.g. a dev "
+                                                    "part carved from train")
 # search
 parser.add_argument("--index", default="Flat", help="faiss index_factory string (inner product); Flat = exact")
 parser.add_argument("--k", type=int, default=1000, help="documents retrieved a query")
@@ -38,6 +41,9 @@ parser.add_argument("--seed", type=int, default=0, help="unused (evaluation is d
 # output
 parser.add_argument("--out", default=None, help="output folder for run.trec and metrics.json (default: print only)")
 parser.add_argument("--tag", default="biencoder", help="the run's name in run.trec")
+parser.add_argument("--compare", nargs="+", default=None, help="evaluate.py output folders: per-measure differences "
+                                                               "to the first, paired t-test over queries, and their "
+                                                               "recall@k curves on one plot (in --out); no encoding")
 
 MEASURES = {"ndcg_cut.1,3,5,10,100,1000", "recall.1,3,5,10,20,50,100,200,500,1000", "map", "P.1,10"}
 
@@ -81,6 +87,57 @@ def evaluate_run(run, qrels):
     return means, per_query
 
 
+def recall_curve(run, qrels, k):
+    """Mean recall@k for k = 1..k over the qrels' queries (relevant: grade > 0, as pytrec_eval's recall)."""
+    curve = np.zeros(k)
+    for qid, docs in qrels.items():
+        relevant = {d for d, g in docs.items() if g > 0}
+        ranked = [d for d, _ in sorted(run.get(qid, {}).items(), key=lambda x: (-x[1], x[0]))[:k]]
+        hits = np.cumsum([d in relevant for d in ranked] + [0] * (k - len(ranked)))
+        curve += hits / max(1, len(relevant))
+    return curve / len(qrels)
+
+
+def plot_recall(curves, png):
+    """recall@k for k = 1..1000 (log x axis), one line a run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=name)
+    ax.set(xscale="log", xlabel="k", ylabel="recall@k", ylim=(0, 1))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    data.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+
+
+def compare(folders, out):
+    """Differences of each run to the first, per measure, with a paired t-test over the common queries."""
+    from scipy.stats import ttest_rel
+    runs = {}
+    for folder in folders:
+        path = os.path.join(folder, "metrics.json")
+        if not os.path.isfile(path):
+            raise data.InputError(f"{path}: file not found (is {folder} an evaluate.py --out folder?)")
+        with open(path) as f:
+            runs[folder] = json.load(f)
+    base_name, base = folders[0], runs[folders[0]]
+    for name in folders[1:]:
+        other = runs[name]
+        common = sorted(set(base["per_query"]) & set(other["per_query"]))
+        print(f"{name} vs {base_name} ({len(common)} common queries)")
+        for m in ("ndcg@10", "recall@100", "mrr@10", "map"):
+            a = np.array([base["per_query"][q][m] for q in common])
+            b = np.array([other["per_query"][q][m] for q in common])
+            p = ttest_rel(b, a).pvalue if np.any(a != b) else 1.0
+            print(f"  {m:<11} {a.mean():.4f} -> {b.mean():.4f}  diff {b.mean() - a.mean():+.4f}  paired t-test p = {p:.3g}")
+    if out:
+        plot_recall({name: r["recall_curve"] for name, r in runs.items()}, os.path.join(out, "recall_at_k.png"))
+
+
 def build_run(q_ids, d_ids, scores, idx, ignore_identical_ids=False):
     run = {}
     for qi, qid in enumerate(q_ids):
@@ -98,9 +155,14 @@ def write_trec(path, run, tag):
 
 
 def main(args):
+    if args.compare:
+        return compare(args.compare, args.out)
     corpus, queries, qrels = data.load_dataset(args.dataset, args.split)
     if not qrels:
         raise data.InputError(f"{args.dataset}: no qrels to evaluate against")
+    if args.queries:
+        qrels = {q: qrels[q] for q in data.read_ids(args.queries, qrels)}
+        queries = {q: queries[q] for q in qrels}
     if args.emb:
         from encode import load_embeddings
         d_ids, d_emb = load_embeddings(args.emb, "corpus")
@@ -133,12 +195,14 @@ def main(args):
           f"{len(corpus)} docs")
     for m in ("ndcg@10", "recall@100", "mrr@10", "map", "ndcg@100", "recall@1000"):
         print(f"  {m:<12} {means[m]:.4f}")
+    curve = recall_curve(run, qrels, args.k)
     if args.out:
         write_trec(os.path.join(args.out, "run.trec"), run, args.tag)
         data.write_json(os.path.join(args.out, "metrics.json"), {
             "dataset": args.dataset, "split": args.split, "model": model_name, "index": args.index, "k": args.k,
             "dim": args.dim, **{m: round(v, 6) if isinstance(v, float) else v for m, v in means.items()},
-            "per_query": per_query})
+            "recall_curve": curve.round(6).tolist(), "per_query": per_query})
+        plot_recall({model_name: curve}, os.path.join(args.out, "recall_at_k.png"))
     return means
 
 

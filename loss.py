@@ -47,6 +47,23 @@ def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None):
         return F.cross_entropy(scores, targets)
 
 
+def distill_kl(q, d, teacher_scores, temp, teacher_temp, group_size):
+    """Distillation (FlagEmbedding's pos_scores/neg_scores): KL(teacher || student) over each query's own group.
+    q (B, D), d (B * G, D) laid out per query, teacher_scores (B, G) -> mean KL over the B queries."""
+    with torch.autocast(q.device.type, enabled=False):
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        groups = d.to(dtype).view(q.shape[0], group_size, -1)  # (B, G, D)
+        student = torch.einsum("bd,bgd->bg", q.to(dtype), groups) / temp  # (B, G)
+        teacher = torch.softmax(teacher_scores.to(dtype) / teacher_temp, dim=-1)
+        return F.kl_div(torch.log_softmax(student, dim=-1), teacher, reduction="batchmean")
+
+
+def matryoshka(loss_fn, q, d, dims):
+    """Matryoshka representation learning: the loss summed over truncated, re-normalised prefixes of the
+    embeddings, so the first k dimensions alone make a good embedding for every k in dims."""
+    return sum(loss_fn(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1)) for k in dims)
+
+
 @torch.no_grad()
 def accuracy(q, d, group_size, offset=0, rows=1024):
     """In-batch accuracy: the fraction of queries whose best-scoring document is their positive (B rows at a

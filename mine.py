@@ -8,7 +8,8 @@ negatives from the rank window --range (0-based, end exclusive, counted among th
 positives: 10-100 skips the 10 best, which are the most likely false negatives). Never a positive of the query (by id), never a text equal to the query or to a positive,
 no duplicate texts; with --margin m, only documents scoring below m x the query's lowest positive score
 (positive-aware filtering, NV-Retriever); with --random_frac, that share of the negatives is drawn from the whole
-corpus instead. Deterministic for a --seed. Writes FlagEmbedding's format with ids and scores:
+corpus instead; a query whose window runs short is topped up the same way (counted in the summary).
+Deterministic for a --seed. Writes FlagEmbedding's format with ids and scores:
 {"qid", "query", "pos", "pos_ids", "pos_scores", "neg", "neg_ids", "neg_scores"}.
 """
 import argparse
@@ -59,26 +60,37 @@ def parse_range(text):
     return start, end
 
 
-def select_negatives(window, query, pos, corpus, args, rng):
-    """Filter one query's window of ranked candidates and sample its hard negatives.
-    window: [(doc_id, score)] best first, positives already removed; pos: {doc_id: score} of its positives.
-    Returns (chosen [(doc_id, score)], the texts now used, counts of what each filter removed)."""
+def select_negatives(window, query, pos, corpus, args, rng, score):
+    """One query's negatives. window: [(doc_id, score)] from the rank window, best first, positives removed;
+    pos: {doc_id: score} of its positives; score(doc_id): the model's score of any document.
+    Hard negatives come from the window (no text equal to the query, a positive or another negative; below the
+    margin); the --random_frac share, and whatever the window could not supply, from the whole corpus.
+    Returns (chosen [(doc_id, score)], counts of what each filter removed and how many were random)."""
     floor = min(pos.values())  # the lowest positive score
     used = {query} | {corpus[p] for p in pos}
-    removed = {"same_text": 0, "margin": 0}
+    counts = {"same_text": 0, "margin": 0, "random": 0}
     kept = []
     for did, s in window:
         if corpus[did] in used:
-            removed["same_text"] += 1
+            counts["same_text"] += 1
         elif (args.margin and s >= args.margin * floor) or (args.abs_margin is not None
                                                              and s >= floor - args.abs_margin):
-            removed["margin"] += 1
+            counts["margin"] += 1
         else:
             used.add(corpus[did])
             kept.append((did, s))
     n_hard = args.num_neg - round(args.num_neg * args.random_frac)
     chosen = kept[:n_hard] if args.sampling == "top" else rng.sample(kept, min(n_hard, len(kept)))
-    return chosen, used, removed
+    used = {query} | {corpus[p] for p in pos} | {corpus[d] for d, _ in chosen}
+    for did in rng.sample(sorted(corpus), min(len(corpus), 4 * args.num_neg + len(pos))):
+        if len(chosen) == args.num_neg:
+            break
+        if did not in pos and corpus[did] not in used:
+            used.add(corpus[did])
+            chosen.append((did, score(did)))
+            counts["random"] += 1
+    counts["short_window"] = int(len(kept) < n_hard)
+    return chosen, counts
 
 
 def main(args):
@@ -89,12 +101,7 @@ def main(args):
         raise data.InputError(f"{args.dataset}: no qrels, so no positives to mine around")
     qids = sorted(qrels)
     if args.queries:
-        with open(args.queries) as f:
-            wanted = [line.strip() for line in f if line.strip()]
-        unknown = [q for q in wanted if q not in qrels]
-        if unknown:
-            raise data.InputError(f"{args.queries}: query id {unknown[0]!r} is not in {args.dataset}'s qrels")
-        qids = sorted(set(wanted))
+        qids = data.read_ids(args.queries, qrels)
     model = BiEncoder(args.model or default_model()).to(device)
     doc_ids = list(corpus)
     d_emb = encode_texts(model, [corpus[i] for i in doc_ids], "doc", args.batch_size, args.dtype, device)
@@ -104,28 +111,23 @@ def main(args):
     # ask for enough: the window end plus room for positives that will be skipped inside it
     scores, idx = search(q_emb, d_emb, end + max_pos)
 
-    rows, too_few, totals, neg_scores = [], 0, {"positive": 0, "same_text": 0, "margin": 0}, []
+    rows, too_few, neg_scores = [], 0, []
+    totals = {"positive": 0, "same_text": 0, "margin": 0, "random": 0, "short_window": 0, "no_positive": 0}
     for qi, qid in enumerate(qids):
         rng = random.Random(f"{args.seed}/{qid}")
         pos_ids = sorted(d for d, g in qrels[qid].items() if g > 0)
-        if not pos_ids:
+        if not pos_ids:  # only grade-0 judgements: nothing to train on
+            totals["no_positive"] += 1
             continue
         pos = {p: float(q_emb[qi] @ d_emb[row_of[p]]) for p in pos_ids}
         # ranks count among non-positives (faiss gave end + max_pos candidates; -1 pads a short result)
         ranked = [(doc_ids[j], float(s)) for s, j in zip(scores[qi], idx[qi]) if j >= 0]
         non_pos = [(d, s) for d, s in ranked if d not in pos]
         totals["positive"] += len(ranked) - len(non_pos)
-        chosen, used_texts, removed = select_negatives(non_pos[start:end], queries[qid], pos, corpus, args, rng)
-        for k in removed:
-            totals[k] += removed[k]
-        n_random = args.num_neg - len(chosen)
-        if n_random > 0 and args.random_frac > 0:  # fill with random documents from the whole corpus
-            for did in rng.sample(doc_ids, min(len(doc_ids), n_random * 4)):
-                if len(chosen) == args.num_neg:
-                    break
-                if did not in pos and corpus[did] not in used_texts:
-                    used_texts.add(corpus[did])
-                    chosen.append((did, float(q_emb[qi] @ d_emb[row_of[did]])))
+        chosen, counts = select_negatives(non_pos[start:end], queries[qid], pos, corpus, args, rng,
+                                          score=lambda did: float(q_emb[qi] @ d_emb[row_of[did]]))
+        for k in counts:
+            totals[k] += counts[k]
         too_few += len(chosen) < args.num_neg
         neg_scores += [s for _, s in chosen]
         rows.append({"qid": qid, "query": queries[qid], "pos": [corpus[p] for p in pos_ids], "pos_ids": pos_ids,
@@ -133,9 +135,10 @@ def main(args):
                      "neg_ids": [d for d, _ in chosen], "neg_scores": [s for _, s in chosen]})
     data.write_jsonl(args.out, rows)
     pos_all = [s for r in rows for s in r["pos_scores"]]
-    print(f"mined {len(rows)} queries -> {args.out}")
+    print(f"mined {len(rows)} queries -> {args.out} ({totals['no_positive']} skipped: no positive in the qrels)")
     print(f"  negatives a query: mean {np.mean([len(r['neg']) for r in rows]):.2f}, wanted {args.num_neg}; "
-          f"{too_few} queries got fewer")
+          f"{too_few} queries got fewer; {totals['random']} random negatives, {totals['short_window']} queries "
+          f"topped up with random documents because their window ran short")
     print(f"  removed from windows: {totals['positive']} positives, {totals['same_text']} duplicate/identical "
           f"texts, {totals['margin']} above the margin")
     if neg_scores:

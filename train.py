@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import data
 from encode import distributed
-from loss import accuracy, fused_info_nce, gather, info_nce
+from loss import accuracy, distill_kl, fused_info_nce, gather, info_nce, matryoshka
 from model import BiEncoder, autocast, default_model, pick_device
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +63,11 @@ parser.add_argument("--temp", type=float, default=0.02, help="InfoNCE temperatur
                                                              "scale 20 = 0.05)")
 parser.add_argument("--loss", default="reference", choices=["reference", "fused"],
                     help="reference: readable info_nce; fused: tiled, O(tile) memory (large gathered batches)")
+parser.add_argument("--teacher_temp", type=float, default=None, help="distil the data's pos_scores/neg_scores: add "
+                                                                         "KL(teacher || student) over each group, "
+                                                                         "teacher softmax at this temperature")
+parser.add_argument("--mrl_dims", default=None, help="Matryoshka: comma-separated dims (e.g. 384,256,128,64); the "
+                                                     "loss is summed over truncated, re-normalised prefixes")
 parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW)")
 parser.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--warmup", type=float, default=0.1, help="linear warmup: a fraction of all steps if < 1, "
@@ -90,8 +95,9 @@ parser.add_argument("--resume", nargs="?", const="last", default=None,
 
 def make_batch(examples, indices, group_size, seed, epoch, use_ids):
     """Texts and false-negative keys of a batch: queries (B,), docs (B * G,) laid out per query
-    [p_0, n_0,1 .. n_0,G-1, p_1, ...], d_keys (B * G,) and pos_keys: each query's positive keys (lists)."""
-    queries, docs, d_keys, pos_keys = [], [], [], []
+    [p_0, n_0,1 .. n_0,G-1, p_1, ...], d_keys (B * G,), pos_keys: each query's positive keys (lists), and the
+    teacher scores of each group (B lists of G) when the data has pos_scores and neg_scores (else None)."""
+    queries, docs, d_keys, pos_keys, teacher = [], [], [], [], []
     for i in indices:
         ex = examples[i]
         p, negs = data.sample_group(ex, group_size, seed, epoch, i)
@@ -100,7 +106,9 @@ def make_batch(examples, indices, group_size, seed, epoch, use_ids):
         pk, nk = data.doc_keys(ex, "pos", use_ids), data.doc_keys(ex, "neg", use_ids)
         d_keys += [pk[p]] + [nk[j] for j in negs]
         pos_keys.append(pk)
-    return queries, docs, d_keys, pos_keys
+        if "pos_scores" in ex and "neg_scores" in ex:
+            teacher.append([ex["pos_scores"][p]] + [ex["neg_scores"][j] for j in negs])
+    return queries, docs, d_keys, pos_keys, (teacher if len(teacher) == len(queries) else None)
 
 
 def key_tensors(d_keys, pos_keys, device):
@@ -233,6 +241,23 @@ def restore_rng(s):
         torch.cuda.set_rng_state(s["cuda"])
 
 
+def plot_log(log_path, png):
+    """Training curves from log.jsonl: loss, in-batch accuracy and learning rate against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key in zip(axes, ("loss", "acc", "lr")):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
+        ax.set(xlabel="step", title={"acc": "in-batch accuracy"}.get(key, key))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    data.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    plt.close(fig)
+
+
 def memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -242,6 +267,8 @@ def memory_gb(device):
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(args):
+    if args.resume not in (None, "last", "auto"):
+        raise ValueError(f"--resume takes no value or 'auto', not {args.resume!r}")
     rank, world = distributed()
     device = pick_device(args.device)
     if device.type == "cuda":
@@ -288,13 +315,14 @@ def main(args):
     loss_impl = fused_info_nce if args.loss == "fused" else info_nce
 
     # resume
-    state_path = os.path.join(args.out_dir, "train_state.pt")
+    state_path, log_path = (os.path.join(args.out_dir, n) for n in ("train_state.pt", "log.jsonl"))
     start = 0
     if args.resume:
-        if args.resume not in ("last", "auto"):
-            raise ValueError(f"--resume takes no value or 'auto', not {args.resume!r}")
         if os.path.isfile(state_path):
             state = torch.load(state_path, map_location="cpu", weights_only=False)
+            if state["args"]["model"] != args.model or set(state["model"]) != set(model.state_dict()):
+                raise data.InputError(f"{state_path}: this checkpoint was trained from --model "
+                                      f"{state['args']['model'] or 'default'}, not {args.model or 'default'}")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -302,6 +330,10 @@ def main(args):
             if len(state["rng"]) == world:
                 restore_rng(state["rng"][rank])
             start = state["step"]
+            if rank == 0:  # drop log lines of steps after the checkpoint: they are about to be redone
+                with open(log_path) as f:
+                    rows = [line for line in f if json.loads(line)["step"] <= start]
+                data.atomic_write(log_path, lambda f: f.writelines(rows))
             say(f"resumed {state_path} at step {start}")
         elif args.resume == "last":
             raise data.InputError(f"--resume: no checkpoint {state_path} (use --resume auto to start fresh)")
@@ -314,13 +346,19 @@ def main(args):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: stop.update(signal=s))
 
-    def loss_fn(q, d, keys):
+    mrl_dims = [int(k) for k in args.mrl_dims.split(",")] if args.mrl_dims else None
+
+    def loss_fn(q, d, keys, teacher):
         """q (b, D) this rank's queries, d (b*G, D) their documents -> loss of this rank's queries against the
         documents of all ranks (see loss.py), scaled so that the sum over ranks is the mean over the global batch."""
-        return loss_impl(q, gather(d), args.temp, group_size, rank * local_b, *keys) / world
+        infonce = lambda q, d: loss_impl(q, gather(d), args.temp, group_size, rank * local_b, *keys)
+        loss = matryoshka(infonce, q, d, mrl_dims) if mrl_dims else infonce(q, d)
+        if args.teacher_temp:  # distillation within each query's own group (local: no gather needed)
+            loss = loss + distill_kl(q, d, teacher, args.temp, args.teacher_temp, group_size)
+        return loss / world
 
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    log = open(log_path, "a" if start else "w") if rank == 0 else None  # a fresh run starts a fresh log
     step, order_epoch, order = start, None, None
     while step < total_steps:
         t0 = time.time()
@@ -328,13 +366,19 @@ def main(args):
         if order_epoch != epoch:
             order, order_epoch = data.epoch_order(len(examples), args.seed, epoch), epoch
         batch_idx = order[b * args.batch_size:(b + 1) * args.batch_size]
-        queries, docs, d_keys, pos_keys = make_batch(examples, batch_idx, group_size, args.seed, epoch, use_ids)
+        queries, docs, d_keys, pos_keys, teacher = make_batch(examples, batch_idx, group_size, args.seed, epoch,
+                                                              use_ids)
         local = slice(rank * local_b, (rank + 1) * local_b)
         q_tok = model.tokenize(queries[local], "query")  # tokenise once a step, on the CPU
         d_tok = model.tokenize(docs[local.start * group_size:local.stop * group_size], "doc")
         keys = key_tensors(d_keys, pos_keys[local], device) if args.mask_false_negatives else (None, None)
 
-        step_loss = lambda q, d: loss_fn(q, d, keys)
+        if args.teacher_temp:
+            if teacher is None:
+                raise data.InputError(f"--teacher_temp needs pos_scores and neg_scores in every line of "
+                                      f"{args.train_data} (mine.py writes them)")
+            teacher = torch.tensor(teacher[local], device=device)  # (b, G)
+        step_loss = lambda q, d: loss_fn(q, d, keys, teacher)
         loss, q, d, replay_err = train_step(encoder_fwd, q_tok, d_tok, step_loss, chunk_size, ctx, scaler, device)
         if world > 1:
             all_reduce_grads(params)
@@ -383,7 +427,8 @@ def main(args):
     bar.close()
     if rank == 0:
         log.close()
-        say(f"saved {os.path.join(args.out_dir, 'model')}")
+        plot_log(log_path, os.path.join(args.out_dir, "train.png"))
+        say(f"saved {os.path.join(args.out_dir, 'model')} and train.png")
     if world > 1:
         dist.destroy_process_group()
 

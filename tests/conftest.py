@@ -16,6 +16,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def scifact_subset(folder, n_queries=60, n_docs=500, seed=0, split="test"):
+    """A BEIR folder (split test) with n_queries real SciFact queries of `split`, their positives and random
+    other documents."""
+    import random
+
+    import data
+    corpus, queries, qrels = data.load_dataset(SCIFACT, split)
+    qids = sorted(qrels)[:n_queries]
+    docs = sorted({d for q in qids for d in qrels[q]})
+    docs += random.Random(seed).sample(sorted(set(corpus) - set(docs)), max(0, n_docs - len(docs)))
+    os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
+    data.write_jsonl(os.path.join(folder, "corpus.jsonl"), [{"_id": d, "title": "", "text": corpus[d]} for d in docs])
+    data.write_jsonl(os.path.join(folder, "queries.jsonl"), [{"_id": q, "text": queries[q]} for q in qids])
+    data.atomic_write(os.path.join(folder, "qrels", "test.tsv"), lambda f: f.writelines(
+        f"{q}\t{d}\t{g}\n" for q in qids for d, g in qrels[q].items()))
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def ir_datasets_home(tmp_path_factory):
     """A writable copy of ../shared/ir_datasets, so ir_datasets ids work offline."""

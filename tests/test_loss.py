@@ -116,3 +116,27 @@ def test_fused_compiled_equals_reference():
     """The torch.compile path (slow to compile on CPU: one shape family, ~1 minute)."""
     pytest.importorskip("torch._inductor")
     _check_fused(B=37, G=4, D=16, masked=True, tile=(8, 20), compile=True)
+
+
+def test_distillation_kl_hand_computed():
+    from loss import distill_kl
+    q = torch.tensor([[1.0, 0.0]])
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # group of 2: student scores [1, 0] / temp
+    teacher = torch.tensor([[0.9, 0.5]])
+    temp, t_temp = 0.5, 0.2
+    p = torch.softmax(torch.tensor([0.9, 0.5]) / t_temp, 0)  # teacher distribution
+    s = torch.softmax(torch.tensor([1.0, 0.0]) / temp, 0)  # student distribution
+    expected = (p * (p.log() - s.log())).sum()
+    assert distill_kl(q, d, teacher, temp, t_temp, 2).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_matryoshka_is_the_sum_of_per_dim_losses():
+    from loss import matryoshka
+    torch.manual_seed(0)
+    q, d = torch.randn(6, 16), torch.randn(12, 16)
+    fn = lambda q, d: info_nce(q, d, 0.05, 2)
+    expected = sum(fn(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1)) for k in (16, 8, 4))
+    assert matryoshka(fn, q, d, [16, 8, 4]).item() == pytest.approx(expected.item(), rel=1e-6)
+    # and each prefix really is re-normalised: the 4-dim loss alone differs from the raw truncation
+    assert fn(q[:, :4], d[:, :4]).item() != pytest.approx(fn(F.normalize(q[:, :4], dim=-1),
+                                                             F.normalize(d[:, :4], dim=-1)).item(), rel=1e-3)

@@ -1,0 +1,247 @@
+"""Speed and memory, side by side, one JSON line per comparison (what, ours, baseline, unit, ratio, settings).
+
+    python bench.py --what loss --quick          # fused vs reference InfoNCE: time and extra peak memory
+    python bench.py --what memory --quick        # train-step peak memory vs batch size, with and without the cache
+    python bench.py --what encode --quick        # encode.py vs SentenceTransformer.encode, whole process
+    python bench.py --what train --quick         # training steps vs sentence-transformers CachedMNRL, whole process
+    python bench.py --what all
+
+Every measurement runs in a fresh child process (so peak memory is its own: peak RSS on CPU,
+torch.cuda.max_memory_allocated on CUDA), ours and the baseline alternate, --reps repetitions, medians reported.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # shared helpers: the real-data train file and subset
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--what", default="all", choices=["loss", "memory", "encode", "train", "all"], help="comparison")
+parser.add_argument("--quick", action="store_true", help="CPU-sized settings")
+parser.add_argument("--reps", type=int, default=3, help="repetitions (medians reported)")
+parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
+parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one measurement
+
+
+def rss_gb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def peak_gb(device):
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def child(spec):
+    """Run one measurement in this (fresh) process; print a JSON result line."""
+    import torch
+    from model import pick_device
+    device = pick_device(spec["device"])
+    out = {}
+    if spec["kind"] == "loss":
+        from loss import fused_info_nce, info_nce
+        B, N, D = spec["B"], spec["N"], spec["D"]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+        q = torch.nn.functional.normalize(torch.randn(B, D, device=device), dim=-1).to(dtype).requires_grad_()
+        d = torch.nn.functional.normalize(torch.randn(N, D, device=device), dim=-1).to(dtype).requires_grad_()
+        fn = fused_info_nce if spec["impl"] == "fused" else info_nce
+        fn(q, d, 0.02, N // B).backward()  # warm-up (and compile)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 1e9 if device.type == "cuda" else rss_gb()
+        times = []
+        for _ in range(spec["iters"]):
+            q.grad = d.grad = None
+            t0 = time.perf_counter()
+            fn(q, d, 0.02, N // B).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out = {"seconds": statistics.median(times), "extra_peak_gb": peak_gb(device) - base}
+    elif spec["kind"] == "train_memory":
+        import train
+        from model import default_model
+        args = train.parser.parse_args([
+            "--model", default_model(), "--train_data", spec["train_data"], "--batch_size", str(spec["batch"]),
+            "--chunk_size", str(spec["chunk"]), "--group_size", "2", "--max_steps", "1", "--passage_max_len",
+            str(spec["max_len"]), "--query_max_len", "32", "--dtype", spec["dtype"], "--device", spec["device"],
+            "--out_dir", spec["out_dir"], "--log_every", "1"])
+        t0 = time.perf_counter()
+        train.main(args)
+        out = {"seconds": time.perf_counter() - t0, "peak_gb": peak_gb(device)}
+    elif spec["kind"] == "st_train":  # the baseline: sentence-transformers' CachedMultipleNegativesRankingLoss
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+
+        import data
+        from model import autocast, default_model
+        t0 = time.perf_counter()
+        examples = data.read_train_jsonl(spec["train_data"])
+        model = SentenceTransformer(default_model(), device=str(device))
+        model.max_seq_length = spec["max_len"]
+        if spec["weights"] == "bf16":
+            model.to(torch.bfloat16)
+        loss_fn = CachedMultipleNegativesRankingLoss(model, scale=1 / spec["temp"], mini_batch_size=spec["chunk"])
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+        B = spec["batch"]
+        for step in range(spec["steps"]):
+            rows = examples[step * B:(step + 1) * B]
+            cols = [[r["query"] for r in rows], [r["pos"][0] for r in rows], [r["neg"][0] for r in rows]]
+            feats = [{k: v.to(device) for k, v in model.tokenize(c).items()} for c in cols]
+            with autocast(device, spec["dtype"] if spec["weights"] == "fp32" else "fp32"):
+                loss = loss_fn(feats, None)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        out = {"seconds": time.perf_counter() - t0, "peak_gb": peak_gb(device)}
+    elif spec["kind"] == "st_encode":
+        from sentence_transformers import SentenceTransformer
+
+        import data
+        from model import default_model
+        corpus, queries, _ = data.load_dataset(spec["dataset"], "test")
+        model = SentenceTransformer(default_model(), device=str(device))
+        model.encode(list(corpus.values()), batch_size=128)
+        model.encode(list(queries.values()), batch_size=128)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def measure(spec, timeout=3600):
+    """Run child(spec) in a fresh interpreter; return its result dict and the whole process's wall time."""
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"bench child failed ({spec}):\n{p.stderr[-3000:]}")
+    return {**json.loads(lines[-1][7:]), "wall": wall}
+
+
+def command(cmd, timeout=3600):
+    """Wall time of a whole command (a fresh process: imports, model load, tokenisation all count)."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       cwd=ROOT)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    return time.perf_counter() - t0, p.stdout
+
+
+def emit(**row):
+    print(json.dumps(row), flush=True)
+
+
+def bench_loss(args, cuda):
+    B, N, D, dtype = (8192, 65536, 768, "bf16") if cuda else (4096, 32768, 64, "fp32")
+    res = {"fused": [], "reference": []}
+    for _ in range(args.reps):  # alternate ours and the baseline
+        for impl in ("fused", "reference"):
+            res[impl].append(measure({"kind": "loss", "impl": impl, "B": B, "N": N, "D": D, "dtype": dtype,
+                                      "device": args.device, "iters": 3}))
+    med = lambda impl, k: statistics.median(r[k] for r in res[impl])
+    settings = {"B": B, "N": N, "D": D, "dtype": dtype, "device": "cuda" if cuda else "cpu", "reps": args.reps}
+    emit(what="loss_time", ours=med("fused", "seconds"), baseline=med("reference", "seconds"), unit="s fwd+bwd",
+         ratio=med("reference", "seconds") / med("fused", "seconds"), **settings)
+    emit(what="loss_extra_peak_memory", ours=med("fused", "extra_peak_gb"), baseline=med("reference", "extra_peak_gb"),
+         unit="GB", ratio=med("fused", "extra_peak_gb") / med("reference", "extra_peak_gb"), **settings)
+
+
+def bench_memory(args, cuda):
+    """Issue: peak memory of one train step grows with the chunk, not the batch (real MiniLM, real SciFact)."""
+    import tempfile
+
+    from test_train import make_train_file
+    tmp = tempfile.mkdtemp()
+    sizes = [64, 1024] if args.quick else [64, 256, 1024]
+    train_data = make_train_file(os.path.join(tmp, "train.jsonl"), n=max(sizes), num_neg=1)
+    max_len = 64 if args.quick else 256
+    rows = {}
+    for chunk in (32, 0):
+        for batch in sizes:
+            if chunk == 0 and batch > 256 and not cuda:
+                continue  # without the cache, 1024 x 3 texts of activations at once: too much for this machine
+            r = measure({"kind": "train_memory", "batch": batch, "chunk": chunk, "train_data": train_data,
+                         "max_len": max_len, "dtype": args.dtype, "device": args.device,
+                         "out_dir": os.path.join(tmp, f"out{chunk}_{batch}")})
+            rows[(chunk, batch)] = r
+            emit(what="train_step_peak_memory", chunk_size=chunk, batch_size=batch, peak_gb=r["peak_gb"],
+                 step_seconds=r["seconds"], passage_max_len=max_len, dtype=args.dtype, group_size=2)
+    lo, hi = rows[(32, sizes[0])]["peak_gb"], rows[(32, sizes[-1])]["peak_gb"]
+    emit(what="cache_memory_growth", ours=hi, baseline=lo, unit="GB", ratio=hi / lo,
+         settings=f"peak at batch {sizes[-1]} / batch {sizes[0]}, chunk 32")
+
+
+def bench_encode(args, cuda):
+    """encode.py vs SentenceTransformer.encode on 500 SciFact docs + 60 queries, whole-process wall time."""
+    import tempfile
+    tmp = tempfile.mkdtemp()
+    from conftest import scifact_subset
+    folder = scifact_subset(os.path.join(tmp, "subset"))
+    ours_cmd = lambda dtype: [sys.executable, "encode.py", "--dataset", folder, "--split", "test", "--dtype", dtype,
+                              "--out", os.path.join(tmp, dtype), "--device", args.device]
+    ours, base = [], []
+    for _ in range(args.reps):
+        ours.append(command(ours_cmd(args.dtype))[0])
+        base.append(measure({"kind": "st_encode", "dataset": folder, "device": args.device})["wall"])
+    command(ours_cmd("fp32"))
+    ndcg = {}
+    for dtype in (args.dtype, "fp32"):
+        _, out = command([sys.executable, "evaluate.py", "--emb", os.path.join(tmp, dtype), "--dataset", folder,
+                          "--split", "test", "--out", os.path.join(tmp, "eval_" + dtype)])
+        with open(os.path.join(tmp, "eval_" + dtype, "metrics.json")) as f:
+            ndcg[dtype] = json.load(f)["ndcg@10"]
+    emit(what="encode", ours=statistics.median(ours), baseline=statistics.median(base), unit="s whole process",
+         ratio=statistics.median(base) / statistics.median(ours), dtype=args.dtype, baseline_dtype="fp32",
+         texts="500 docs + 60 queries", ndcg10_ours=ndcg[args.dtype], ndcg10_fp32=ndcg["fp32"], reps=args.reps)
+
+
+def bench_train(args, cuda):
+    """3 training steps, whole process: ours (gradient cache) vs CachedMultipleNegativesRankingLoss, same model,
+    texts, batch, group, mini-batch and max length."""
+    import tempfile
+
+    from test_train import make_train_file
+    tmp = tempfile.mkdtemp()
+    batch, chunk, steps, max_len = (64, 16, 3, 256) if args.quick or not cuda else (1024, 128, 5, 256)
+    train_data = make_train_file(os.path.join(tmp, "train.jsonl"), n=batch * steps, num_neg=1)
+    ours_cmd = [sys.executable, "train.py", "--train_data", train_data, "--batch_size", str(batch), "--group_size",
+                "2", "--chunk_size", str(chunk), "--max_steps", str(steps), "--passage_max_len", str(max_len),
+                "--query_max_len", "32", "--dtype", args.dtype, "--device", args.device, "--temp", "0.05",
+                "--out_dir", os.path.join(tmp, "ours"), "--log_every", "1"]
+    configs = ["fp32"] + (["bf16"] if cuda else [])  # ST with fp32 weights + autocast; bf16 weights on GPU
+    ours, base = [], {w: [] for w in configs}
+    for _ in range(args.reps):
+        ours.append(command(ours_cmd)[0])
+        for w in configs:
+            base[w].append(measure({"kind": "st_train", "train_data": train_data, "batch": batch, "chunk": chunk,
+                                    "steps": steps, "max_len": max_len, "temp": 0.05, "dtype": args.dtype,
+                                    "weights": w, "device": args.device})["wall"])
+    for w in configs:
+        emit(what="train", ours=statistics.median(ours), baseline=statistics.median(base[w]), unit="s whole process",
+             ratio=statistics.median(base[w]) / statistics.median(ours), batch=batch, group=2, chunk=chunk,
+             steps=steps, max_len=max_len, dtype=args.dtype, baseline_weights=w, reps=args.reps)
+
+
+def main(args):
+    if args.child:
+        return child(json.loads(args.child))
+    import torch
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    for what in (["loss", "memory", "encode", "train"] if args.what == "all" else [args.what]):
+        {"loss": bench_loss, "memory": bench_memory, "encode": bench_encode, "train": bench_train}[what](args, cuda)
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,94 @@
+"""torchrun: 2 gloo processes give the gradient of one process with the whole batch; encode.py under torchrun
+writes what one process writes; gradients are all-reduced once a step, not once a chunk."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SCIFACT
+from test_train import flat, make_train_file, run, start_weights
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+
+
+def torchrun(script, *args):
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", script, *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def train16(tmp_path_factory):
+    return make_train_file(tmp_path_factory.mktemp("d") / "train.jsonl", n=40, num_neg=3)
+
+
+@pytest.mark.parametrize("chunk", [4, 0])
+def test_two_processes_equal_one(tiny_model_nodropout, train16, tmp_path, chunk):
+    common = ["--model", tiny_model_nodropout, "--train_data", train16, "--batch_size", 16, "--group_size", 2,
+              "--max_steps", 2, "--lr", "1e-3", "--warmup", 0, "--dtype", "fp32", "--device", "cpu",
+              "--temp", "0.05", "--chunk_size", chunk]
+    torchrun("train.py", *common, "--out_dir", tmp_path / "two")
+    two = torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)
+    one, log_one = run(tiny_model_nodropout, train16, tmp_path / "one", "--batch_size", 16, "--chunk_size", chunk)
+    with open(tmp_path / "two" / "log.jsonl") as f:
+        log_two = [json.loads(line) for line in f]
+    start = start_weights(tiny_model_nodropout)
+    rel = (flat(one) - flat(two["model"])).norm() / (flat(one) - start).norm()
+    assert rel <= 1e-2, rel
+    assert len(log_one) == len(log_two) == 2
+    for a, b in zip(log_one, log_two):
+        assert abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] <= 1e-3, (a["grad_norm"], b["grad_norm"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert len(two["rng"]) == 2  # every rank's RNG state is saved
+
+
+def test_encode_two_processes_equal_one(tiny_model, tmp_path):
+    from conftest import scifact_subset
+    folder = scifact_subset(str(tmp_path / "subset"), n_queries=12, n_docs=60)
+    args = ["--model", tiny_model, "--dataset", folder, "--split", "test", "--device", "cpu", "--batch_size", 8,
+            "--store", "fp32"]
+    torchrun("encode.py", *args, "--out", tmp_path / "two")
+    subprocess.run([sys.executable, "encode.py", *map(str, args), "--out", str(tmp_path / "one")], cwd=ROOT,
+                   check=True, capture_output=True)
+    for name in ("corpus", "queries"):
+        assert (tmp_path / "one" / f"{name}.ids.txt").read_text() == (tmp_path / "two" / f"{name}.ids.txt").read_text()
+        a, b = np.load(tmp_path / "one" / f"{name}.npy"), np.load(tmp_path / "two" / f"{name}.npy")
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+
+
+def _count_worker(rank, model, train_file, out_dir, chunk, port):
+    """One of 2 gloo processes: train 2 steps, counting all-reduce calls."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    import train
+    calls = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: (calls.append(t.numel()), real(t, *a, **k))[1]
+    train.main(train.parser.parse_args([
+        "--model", model, "--train_data", train_file, "--batch_size", "16", "--group_size", "2", "--max_steps", "2",
+        "--chunk_size", str(chunk), "--dtype", "fp32", "--device", "cpu", "--out_dir", out_dir]))
+    with open(os.path.join(out_dir, f"calls{rank}.json"), "w") as f:
+        json.dump(calls, f)
+
+
+@pytest.mark.parametrize("chunk", [2, 8])
+def test_one_gradient_all_reduce_a_step(tiny_model_nodropout, train16, tmp_path, chunk):
+    import torch.multiprocessing as mp
+    port = 29500 + chunk + os.getpid() % 1000
+    mp.spawn(_count_worker, args=(tiny_model_nodropout, train16, str(tmp_path), chunk, port), nprocs=2)
+    n_params = sum(p.numel() for p in __import__("model").BiEncoder(tiny_model_nodropout).parameters())
+    with open(tmp_path / "calls0.json") as f:
+        calls = json.load(f)
+    grad_calls = [n for n in calls if n > 100_000]  # the flat gradient buffer (other calls: embeddings, metrics)
+    # 2 steps: 2 gradient all-reduces whatever the number of chunks (8 chunks a step at chunk 2)
+    assert len(grad_calls) == 2 and all(n <= n_params for n in grad_calls), calls
+    assert len(calls) == 2 * 3, calls  # a step: gathered-embedding gradients, parameter gradients, metrics

@@ -1,0 +1,53 @@
+"""mine.py's negative selection on a toy corpus with known scores: margin, dedup, hard/random mix."""
+import argparse
+import random
+
+import mine
+
+
+def args(**kw):
+    base = dict(num_neg=3, margin=0.0, abs_margin=None, sampling="top", random_frac=0.0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+CORPUS = {"p": "positive text", "a": "doc a", "b": "doc b", "b2": "doc b", "c": "doc c", "q": "the query",
+          "d": "doc d", "e": "doc e", "f": "doc f", "g": "doc g"}
+SCORES = {"a": 0.79, "b": 0.70, "b2": 0.70, "c": 0.60, "q": 0.58, "d": 0.50, "e": 0.10, "f": 0.05, "g": 0.01}
+WINDOW = [(d, SCORES[d]) for d in ("a", "b", "b2", "q", "c", "d")]  # ranked, positives already removed
+POS = {"p": 0.8}
+
+
+def select(**kw):
+    return mine.select_negatives(WINDOW, "the query", POS, CORPUS, args(**kw), random.Random(0), SCORES.get)
+
+
+def test_dedup_and_query_text_removed():
+    chosen, counts = select()
+    assert [d for d, _ in chosen] == ["a", "b", "c"]  # b2 repeats b's text, q's text is the query
+    assert counts["same_text"] == 2 and counts["random"] == 0
+
+
+def test_relative_margin():
+    # keep only scores < 0.95 * 0.8 = 0.76: "a" (0.79) goes
+    chosen, counts = select(margin=0.95)
+    assert [d for d, _ in chosen] == ["b", "c", "d"] and counts["margin"] == 1
+
+
+def test_absolute_margin():
+    chosen, counts = select(abs_margin=0.15)  # below 0.8 - 0.15 = 0.65
+    assert [d for d, _ in chosen][:2] == ["c", "d"] and counts["margin"] == 3  # a, b and b2
+    assert counts["random"] == 1 and counts["short_window"] == 1  # the window ran short: topped up at random
+
+
+def test_random_mix():
+    chosen, counts = select(num_neg=4, random_frac=0.5)
+    hard, rand = chosen[:2], chosen[2:]
+    assert [d for d, _ in hard] == ["a", "b"] and counts["random"] == 2
+    assert all(d not in POS and CORPUS[d] not in {"the query", "positive text", "doc a", "doc b"} for d, _ in rand)
+    assert all(s == SCORES[d] for d, s in rand)  # random negatives carry their real scores
+
+
+def test_seeded_random_sampling():
+    a = mine.select_negatives(WINDOW, "the query", POS, CORPUS, args(sampling="random"), random.Random(5), SCORES.get)
+    b = mine.select_negatives(WINDOW, "the query", POS, CORPUS, args(sampling="random"), random.Random(5), SCORES.get)
+    assert a == b

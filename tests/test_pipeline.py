@@ -1,0 +1,223 @@
+"""Data loading, pooling, pytrec_eval wiring, the mine -> train -> encode -> evaluate pipeline on real SciFact,
+sentence-transformers parity, bad input, and the README's commands."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import encode
+import evaluate
+import mine
+import train
+from conftest import NFCORPUS, ROOT, SCIFACT, make_tiny_bert, scifact_subset
+from model import BiEncoder, default_model
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def test_ir_datasets_and_beir_folder_agree():
+    a = data.load_dataset("beir/scifact/test")
+    b = data.load_dataset(SCIFACT, "test")
+    assert a == b
+    corpus, queries, qrels = a
+    assert (len(corpus), len(queries), len(qrels), sum(map(len, qrels.values()))) == (5183, 300, 300, 339)
+    assert corpus["4983"].startswith("Microstructural development of human newborn cerebral white matter assessed "
+                                     "in vivo by diffusion tensor magnetic resonance imaging. Alterations")
+
+
+def test_nfcorpus_graded_qrels():
+    corpus, queries, qrels = data.load_dataset(NFCORPUS, "test")
+    assert len(corpus) == 3633 and len(qrels) == 323
+    assert {g for docs in qrels.values() for g in docs.values()} >= {1, 2}
+
+
+def test_group_sampling_is_a_function_of_seed_epoch_index():
+    ex = {"query": "q", "pos": ["a", "b", "c"], "neg": ["x", "y", "z", "w"]}
+    assert data.sample_group(ex, 4, 0, 1, 5) == data.sample_group(ex, 4, 0, 1, 5)
+    groups = {str(data.sample_group(ex, 4, 0, e, 5)) for e in range(20)}
+    assert len(groups) > 5  # different epochs draw different groups
+    pos, negs = data.sample_group({"query": "q", "pos": ["a"], "neg": ["x"]}, 4, 0, 0, 0)
+    assert pos == 0 and negs == [0, 0, 0]  # too few negatives: repeated
+    with pytest.raises(data.InputError, match="no negatives"):
+        data.sample_group({"query": "q", "pos": ["a"], "neg": []}, 2, 0, 0, 0)
+
+
+def test_train_jsonl_roundtrip(tmp_path):
+    rows = [{"query": "q1", "pos": ["p"], "neg": ["n1", "n2"], "qid": "1", "pos_ids": ["a"], "neg_ids": ["b", "c"],
+             "neg_scores": [0.5, 0.4], "prompt": "Q: "}]
+    data.write_jsonl(tmp_path / "t.jsonl", rows)
+    assert data.read_train_jsonl(str(tmp_path / "t.jsonl")) == rows
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+def test_pooling_variants(tiny_model):
+    texts = ["a short one", "a much longer text with many more tokens in it"]
+    for pooling in ("cls", "mean", "last"):
+        m = BiEncoder(tiny_model, pooling=pooling, normalize=False).eval()
+        batch = m.tokenize(texts, "doc")
+        with torch.no_grad():
+            emb = m(batch, "doc")
+            hidden = m.encoder(**batch).last_hidden_state
+        n = batch["attention_mask"].sum(1)
+        for i in range(2):
+            expected = {"cls": hidden[i, 0], "mean": hidden[i, :n[i]].mean(0), "last": hidden[i, n[i] - 1]}[pooling]
+            assert torch.allclose(emb[i], expected, atol=1e-5), pooling
+    # left padding: the last token is at position -1 for every row
+    m = BiEncoder(tiny_model, pooling="last", normalize=False).eval()
+    m.tokenizer.padding_side = "left"
+    batch = m.tokenize(texts, "doc")
+    with torch.no_grad():
+        emb, hidden = m(batch, "doc"), m.encoder(**batch).last_hidden_state
+    assert torch.allclose(emb, hidden[:, -1], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        BiEncoder(tiny_model, pooling="max")
+
+
+def test_minilm_settings_come_from_its_sentence_transformers_files():
+    s = BiEncoder(default_model()).settings
+    assert (s["pooling"], s["normalize"], s["passage_max_len"]) == ("mean", True, 256)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def test_pytrec_eval_wiring_hand_computed_ndcg():
+    qrels = {"q1": {"d1": 1, "d2": 2}, "q2": {"d9": 1}}
+    run = {"q1": {"d3": 3.0, "d1": 2.0, "d2": 1.0}, "q2": {"d9": 1.0}}
+    means, per_query = evaluate.evaluate_run(run, qrels)
+    # trec_eval nDCG, linear gains: DCG = 1/log2(3) + 2/log2(4); ideal = 2/log2(2) + 1/log2(3)
+    dcg, ideal = 1 / np.log2(3) + 2 / np.log2(4), 2 + 1 / np.log2(3)
+    assert per_query["q1"]["ndcg@10"] == pytest.approx(dcg / ideal, abs=1e-6)
+    assert per_query["q1"]["mrr@10"] == pytest.approx(0.5)
+    assert means["ndcg@10"] == pytest.approx((dcg / ideal + 1) / 2, abs=1e-6)
+
+
+def test_search_ties_are_deterministic():
+    d = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    scores, idx = evaluate.search(np.array([[1.0, 0.0]], dtype=np.float32), d, 3)
+    assert idx[0].tolist() == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+
+def test_mine_train_encode_evaluate_on_scifact_subset(tiny_model, tmp_path):
+    """The four stages end to end on real SciFact (24 train queries, 200 documents), with a tiny model."""
+    folder = scifact_subset(str(tmp_path / "sf"), n_queries=24, n_docs=200, split="train")
+    mined = tmp_path / "mined.jsonl"
+    rows = mine.main(mine.parser.parse_args(["--model", tiny_model, "--dataset", folder, "--split", "test",
+                                             "--range", "2-30", "--num_neg", "3", "--out", str(mined)]))
+    assert len(rows) == 24 and all(len(r["neg"]) == 3 for r in rows)
+    for r in rows:
+        assert not set(r["neg_ids"]) & set(r["pos_ids"]) and r["query"] not in r["neg"]
+    train.main(train.parser.parse_args(["--model", tiny_model, "--train_data", str(mined), "--group_size", "4",
+                                        "--batch_size", "8", "--epochs", "2", "--device", "cpu",
+                                        "--out_dir", str(tmp_path / "ft")]))
+    ckpt = str(tmp_path / "ft" / "model")
+    encode.main(encode.parser.parse_args(["--model", ckpt, "--dataset", folder, "--split", "test",
+                                          "--out", str(tmp_path / "emb")]))
+    meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
+    assert meta["count"] == {"corpus": 200, "queries": 24} and meta["pooling"] == "mean"
+    from_emb = evaluate.main(evaluate.parser.parse_args(["--emb", str(tmp_path / "emb"), "--dataset", folder,
+                                                         "--split", "test", "--out", str(tmp_path / "ev")]))
+    from_model = evaluate.main(evaluate.parser.parse_args(["--model", ckpt, "--dataset", folder, "--split", "test"]))
+    assert from_emb["queries"] == 24 and 0 < from_emb["ndcg@10"] <= 1
+    assert from_emb["ndcg@10"] == pytest.approx(from_model["ndcg@10"], abs=0.02)  # float16 storage vs float32
+    run = (tmp_path / "ev" / "run.trec").read_text().splitlines()
+    assert len(run) == 24 * 200 and run[0].split()[1:4:2] == ["Q0", "1"]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_checkpoint_loads_in_sentence_transformers(tmp_path, pooling):
+    """Our saved model in sentence-transformers gives encode.py's vectors (the real MiniLM)."""
+    from sentence_transformers import SentenceTransformer
+    ours = BiEncoder(default_model(), pooling=pooling, query_prefix="query: ")
+    ours.save(str(tmp_path / "m"))
+    texts = [data.load_dataset(SCIFACT, "test")[0][d] for d in ("4983", "5836", "7912")] + ["short text"]
+    a = encode.encode_texts(ours, texts, "doc", progress=False)
+    st = SentenceTransformer(str(tmp_path / "m"), device="cpu")
+    b = st.encode(texts, convert_to_numpy=True)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.999, cos
+    qa = encode.encode_texts(ours, ["is x true?"], "query", progress=False)
+    qb = st.encode(["is x true?"], prompt_name="query")
+    assert float(qa[0] @ qb[0] / np.linalg.norm(qb[0])) >= 0.999
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def run_script(*args):
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stderr.strip()
+
+
+def bad_input_cases(tmp_path):
+    good = {"query": "q", "pos": ["p"], "neg": ["n"]}
+    files = {"malformed": "{\"query\": \"q\", \"pos\": [\"p\"]}\n{not json}\n",
+             "no_query": json.dumps({"pos": ["p"]}) + "\n",
+             "no_pos": json.dumps(good) + "\n" + json.dumps({"query": "q2", "neg": ["n"]}) + "\n",
+             "empty_text": json.dumps({"query": "q", "pos": [""]}) + "\n"}
+    for name, text in files.items():
+        (tmp_path / f"{name}.jsonl").write_text(text)
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "title": "", "text": "doc one"}) + "\n")
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "query one"}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td404\t1\n")
+    (beir / "qrels" / "ok.tsv").write_text("q1\td1\t1\n")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("q1\nq404\n")
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    np.save(emb / "corpus.npy", np.zeros((3, 4), dtype=np.float16))
+    (emb / "corpus.ids.txt").write_text("d1\nd2\n")
+    return [  # (case, command, what the one-line error must name)
+        ("malformed json line", ["train.py", "--train_data", tmp_path / "malformed.jsonl"], "malformed.jsonl:2"),
+        ("line without query", ["train.py", "--train_data", tmp_path / "no_query.jsonl"], "no_query.jsonl:1: missing 'query'"),
+        ("line without pos", ["train.py", "--train_data", tmp_path / "no_pos.jsonl"], "no_pos.jsonl:2: missing 'pos'"),
+        ("empty text", ["train.py", "--train_data", tmp_path / "empty_text.jsonl"], "empty_text.jsonl:1"),
+        ("unknown id in qrels", ["evaluate.py", "--dataset", beir, "--split", "test"], "'d404'"),
+        ("missing file", ["train.py", "--train_data", tmp_path / "nope.jsonl"], "nope.jsonl: file not found"),
+        ("missing qrels split", ["evaluate.py", "--dataset", beir, "--split", "dev"], "dev.tsv: file not found"),
+        ("unknown dataset id", ["evaluate.py", "--dataset", "beir/nope/test"], "'beir/nope/test'"),
+        ("unknown query id in an ids file", ["evaluate.py", "--dataset", beir, "--split", "ok", "--queries", ids],
+         "ids.txt:2: query id 'q404'"),
+        ("model folder missing", ["encode.py", "--model", tmp_path / "no_model", "--out", tmp_path / "e"],
+         "no_model: not a folder"),
+        ("embeddings and ids disagree", ["evaluate.py", "--emb", emb, "--dataset", beir, "--split", "ok"],
+         "corpus.npy: shape (3, 4) does not match the 2 ids"),
+        ("unknown --resume value", ["train.py", "--resume", "yes", "--out_dir", tmp_path / "o"], "--resume takes"),
+    ]
+
+
+def test_bad_input_gets_one_line_naming_file_and_line(tmp_path):
+    for case, cmd, expected in bad_input_cases(tmp_path):
+        rc, err = run_script(*cmd)
+        assert rc != 0, case
+        last = err.splitlines()[-1]  # (progress bars of the loading may come before it)
+        assert "Traceback" not in err and last.startswith("error: ") and err.count("error: ") == 1, f"{case}: {err}"
+        assert expected in last, f"{case}: {err}"
+
+
+# ----------------------------------------------------------------------------------------------- README
+
+def test_readme_commands_use_real_flags():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    scripts = {"train.py": train.parser, "mine.py": mine.parser, "encode.py": encode.parser,
+               "evaluate.py": evaluate.parser}
+    import bench
+    scripts["bench.py"] = bench.parser
+    checked = 0
+    for line in re.findall(r"(?:python|torchrun[^\n]*?) (\w+\.py)([^\n]*)", readme):
+        script, rest = line
+        assert script in scripts, f"README runs {script}, which does not exist"
+        known = {o for a in scripts[script]._actions for o in a.option_strings}
+        for flag in re.findall(r"(?<!\S)(--[a-z_]+)", rest):
+            assert flag in known, f"README: {script} has no flag {flag}"
+            checked += 1
+    assert checked > 20
