@@ -61,8 +61,9 @@ parser.add_argument("--chunk_size", type=int, default=-1, help="gradient cache c
                                                                "-1 = auto (32 on CPU, 256 on GPU)")
 parser.add_argument("--temp", type=float, default=0.02, help="InfoNCE temperature τ (BGE 0.02; sentence-transformers "
                                                              "scale 20 = 0.05)")
-parser.add_argument("--loss", default="reference", choices=["reference", "fused"],
-                    help="reference: readable info_nce; fused: tiled, O(tile) memory (large gathered batches)")
+parser.add_argument("--loss", default="auto", choices=["auto", "reference", "fused"],
+                    help="reference: readable info_nce; fused: tiled, O(tile) extra memory; auto: fused on GPU when "
+                         "the logit matrix (batch x batch*group) has over 16M entries, else reference")
 parser.add_argument("--teacher_temp", type=float, default=None, help="distil the data's pos_scores/neg_scores: add "
                                                                          "KL(teacher || student) over each group, "
                                                                          "teacher softmax at this temperature")
@@ -312,7 +313,8 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")  # fp16 gradients underflow without it
     ctx = autocast(device, dtype)
     encoder_fwd = torch.compile(model) if args.compile else model
-    loss_impl = fused_info_nce if args.loss == "fused" else info_nce
+    big = args.batch_size * args.batch_size * group_size > 2 ** 24 and device.type == "cuda"
+    loss_impl = fused_info_nce if args.loss == "fused" or (args.loss == "auto" and big) else info_nce
 
     # resume
     state_path, log_path = (os.path.join(args.out_dir, n) for n in ("train_state.pt", "log.jsonl"))
@@ -329,6 +331,8 @@ def main(args):
             scaler.load_state_dict(state["scaler"])
             if len(state["rng"]) == world:
                 restore_rng(state["rng"][rank])
+            else:
+                say(f"the checkpoint has RNG states of {len(state['rng'])} processes, not {world}: dropout is reseeded")
             start = state["step"]
             if rank == 0:  # drop log lines of steps after the checkpoint: they are about to be redone
                 with open(log_path) as f:
@@ -340,7 +344,7 @@ def main(args):
 
     say(f"{len(examples)} queries | group {group_size} | batch {args.batch_size} over {world} process(es) | "
         f"{args.batch_size * group_size - 1} negatives a query | chunk {chunk_size or 'off'} | {dtype} on {device} | "
-        f"{total_steps} steps ({steps_per_epoch} a epoch), warmup {warmup}")
+        f"{total_steps} steps ({steps_per_epoch} a epoch), warmup {warmup} | {loss_impl.__name__}")
     os.makedirs(args.out_dir, exist_ok=True)
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -390,8 +394,9 @@ def main(args):
             dist.all_reduce(metrics)
         loss_v, acc = metrics.tolist()
         if not math.isfinite(loss_v):
-            raise RuntimeError(f"step {step + 1}: loss is {loss_v}. Try a lower --lr, --dtype bf16 or fp32 instead "
-                               f"of fp16, a larger --temp, or check the data; the last good checkpoint is kept.")
+            bar.close()
+            raise SystemExit(f"error: step {step + 1}: loss is {loss_v}. Try a lower --lr, --dtype bf16 or fp32 "
+                             f"instead of fp16, a larger --temp, or check the data; the last good checkpoint is kept.")
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

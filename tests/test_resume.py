@@ -102,3 +102,11 @@ def test_resume_from_another_models_checkpoint(tiny_model, tiny_model_nodropout,
                        text=True)
     assert r.returncode != 0 and "train_state.pt: this checkpoint was trained from --model" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_model, train_file, tmp_path):
+    r = subprocess.run(cmd(tiny_model, train_file, tmp_path, "--temp", "1e-45"), cwd=ROOT, capture_output=True,
+                       text=True)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert last.startswith("error: step 1: loss is") and "lower --lr" in last, last
