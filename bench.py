@@ -82,7 +82,10 @@ def child(spec):
         out = {"seconds": time.perf_counter() - t0, "peak_gb": peak_gb(device)}
     elif spec["kind"] == "st_train":  # the baseline: sentence-transformers' CachedMultipleNegativesRankingLoss
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+        try:
+            from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+        except ImportError:  # sentence-transformers < 6
+            from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
 
         import data
         from model import autocast, default_model
@@ -98,7 +101,8 @@ def child(spec):
         for step in range(spec["steps"]):
             rows = examples[step * B:(step + 1) * B]
             cols = [[r["query"] for r in rows], [r["pos"][0] for r in rows], [r["neg"][0] for r in rows]]
-            feats = [{k: v.to(device) for k, v in model.tokenize(c).items()} for c in cols]
+            feats = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in model.tokenize(c).items()}
+                     for c in cols]
             with autocast(device, spec["dtype"] if spec["weights"] == "fp32" else "fp32"):
                 loss = loss_fn(feats, None)
             loss.backward()

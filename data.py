@@ -32,6 +32,7 @@ def atomic_write(path, write_fn, mode="w"):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)
@@ -181,8 +182,10 @@ def read_train_jsonl(path):
             if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
                 raise InputError(f"{path}:{n}: {key!r} must be a list of non-empty strings")
             for extra in (f"{key}_ids", f"{key}_scores"):
-                if extra in row and len(row[extra]) != len(texts):
-                    raise InputError(f"{path}:{n}: {extra!r} has {len(row[extra])} entries, {key!r} has {len(texts)}")
+                if extra in row and (not isinstance(row[extra], list) or len(row[extra]) != len(texts)):
+                    raise InputError(f"{path}:{n}: {extra!r} must be a list as long as {key!r} ({len(texts)})")
+            if f"{key}_ids" in row:
+                row[f"{key}_ids"] = [str(i) for i in row[f"{key}_ids"]]  # 123 and "123" are the same id
         if not row["pos"]:
             raise InputError(f"{path}:{n}: 'pos' is empty")
         examples.append(row)
@@ -210,7 +213,7 @@ def text_key(s):
 
 def doc_keys(ex, kind, use_ids):
     """Keys of an example's positives or negatives: hashes of the ids when the data has them, else of the texts."""
-    return [text_key(s) for s in (ex[f"{kind}_ids"] if use_ids else ex[kind])]
+    return [text_key(s) for s in (ex.get(f"{kind}_ids", []) if use_ids else ex[kind])]
 
 
 def sample_group(ex, group_size, seed, epoch, index):

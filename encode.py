@@ -66,10 +66,10 @@ def encode_texts(model, texts, kind, batch_size=128, dtype="fp32", device=None, 
             out[idx] = model(batch, kind).float().cpu().numpy()
         bar.update(len(idx))
     bar.close()
-    if world > 1:  # every rank filled its rows; the others are zero: summing merges them
-        merged = torch.from_numpy(out)
+    if world > 1:  # every rank filled its rows; the others are zero: summing merges them (on the device: NCCL)
+        merged = torch.from_numpy(out).to(device)
         dist.all_reduce(merged)
-        out = merged.numpy()
+        out = merged.cpu().numpy()
     return out
 
 

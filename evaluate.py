@@ -49,10 +49,11 @@ MEASURES = {"ndcg_cut.1,3,5,10,100,1000", "recall.1,3,5,10,20,50,100,200,500,100
 
 
 def search(q_emb, d_emb, k, index="Flat"):
-    """Top-k documents for each query by inner product -> (scores (Q, k), indices (Q, k)), ties broken by
-    document index. Embeddings must be L2-normalised for cosine (the models here normalise)."""
+    """Top-k documents for each query by cosine similarity -> (scores (Q, k), indices (Q, k)), ties broken by
+    document index. Embeddings are L2-normalised first, so inner product is cosine (as MTEB scores)."""
     import faiss
-    d_emb = np.ascontiguousarray(d_emb, dtype=np.float32)
+    d_emb = np.ascontiguousarray(unit(d_emb), dtype=np.float32)
+    q_emb = unit(q_emb)
     k = min(k, d_emb.shape[0])
     idx = faiss.index_factory(d_emb.shape[1], index, faiss.METRIC_INNER_PRODUCT)
     if not idx.is_trained:
@@ -63,10 +64,13 @@ def search(q_emb, d_emb, k, index="Flat"):
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
+def unit(emb):
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
 def truncate(emb, dim):
     """Matryoshka: keep the first dim dimensions and re-normalise."""
-    emb = emb[:, :dim]
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return unit(emb[:, :dim])
 
 
 def evaluate_run(run, qrels):

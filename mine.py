@@ -2,6 +2,7 @@
 
     python mine.py --dataset beir/scifact/train --out runs/mined.jsonl                    # ranks 10-100, 7 negatives
     python mine.py --dataset beir/scifact/train --range 10-50 --num_neg 3 --margin 0.95 --out runs/mined.jsonl
+    torchrun --nproc_per_node 8 mine.py --dataset beir/nfcorpus/train --out runs/nf_mined.jsonl   # encode on 8 GPUs
 
 For each query: retrieve the top documents with --model (exact inner-product search), then sample --num_neg
 negatives from the rank window --range (0-based, end exclusive, counted among the documents that are not
@@ -18,7 +19,7 @@ import random
 import numpy as np
 
 import data
-from encode import encode_texts
+from encode import distributed, encode_texts
 from evaluate import search
 from model import BiEncoder, default_model, pick_device
 
@@ -60,21 +61,24 @@ def parse_range(text):
     return start, end
 
 
-def select_negatives(window, query, pos, corpus, args, rng, score):
+def select_negatives(window, query, pos, corpus, doc_ids, args, rng, score):
     """One query's negatives. window: [(doc_id, score)] from the rank window, best first, positives removed;
-    pos: {doc_id: score} of its positives; score(doc_id): the model's score of any document.
+    pos: {doc_id: score} of its positives; doc_ids: all ids (sorted); score(doc_id): the model's score of any
+    document.
     Hard negatives come from the window (no text equal to the query, a positive or another negative; below the
     margin); the --random_frac share, and whatever the window could not supply, from the whole corpus.
     Returns (chosen [(doc_id, score)], counts of what each filter removed and how many were random)."""
     floor = min(pos.values())  # the lowest positive score
+    # relative margin: below margin x floor (written so that it stays below the floor when the floor is negative)
+    limit = min(floor - (1 - args.margin) * abs(floor) if args.margin else float("inf"),
+                floor - args.abs_margin if args.abs_margin is not None else float("inf"))
     used = {query} | {corpus[p] for p in pos}
     counts = {"same_text": 0, "margin": 0, "random": 0}
     kept = []
     for did, s in window:
         if corpus[did] in used:
             counts["same_text"] += 1
-        elif (args.margin and s >= args.margin * floor) or (args.abs_margin is not None
-                                                             and s >= floor - args.abs_margin):
+        elif s >= limit:
             counts["margin"] += 1
         else:
             used.add(corpus[did])
@@ -82,13 +86,12 @@ def select_negatives(window, query, pos, corpus, args, rng, score):
     n_hard = args.num_neg - round(args.num_neg * args.random_frac)
     chosen = kept[:n_hard] if args.sampling == "top" else rng.sample(kept, min(n_hard, len(kept)))
     used = {query} | {corpus[p] for p in pos} | {corpus[d] for d, _ in chosen}
-    for did in rng.sample(sorted(corpus), min(len(corpus), 4 * args.num_neg + len(pos))):
-        if len(chosen) == args.num_neg:
-            break
-        if did not in pos and corpus[did] not in used:
-            used.add(corpus[did])
-            chosen.append((did, score(did)))
-            counts["random"] += 1
+    if len(chosen) < args.num_neg:  # top up from the whole corpus, with the window's filters
+        for did in rng.sample(doc_ids, min(len(doc_ids), 4 * args.num_neg + len(pos))):
+            if len(chosen) < args.num_neg and did not in pos and corpus[did] not in used and score(did) < limit:
+                used.add(corpus[did])
+                chosen.append((did, score(did)))
+                counts["random"] += 1
     counts["short_window"] = int(len(kept) < n_hard)
     return chosen, counts
 
@@ -106,7 +109,10 @@ def main(args):
     doc_ids = list(corpus)
     d_emb = encode_texts(model, [corpus[i] for i in doc_ids], "doc", args.batch_size, args.dtype, device)
     q_emb = encode_texts(model, [queries[q] for q in qids], "query", args.batch_size, args.dtype, device)
+    if distributed()[0] != 0:  # under torchrun every rank encoded a share; rank 0 searches and writes
+        return []
     row_of = {did: i for i, did in enumerate(doc_ids)}
+    sorted_ids = sorted(doc_ids)
     max_pos = max(len(qrels[q]) for q in qids)
     # ask for enough: the window end plus room for positives that will be skipped inside it
     scores, idx = search(q_emb, d_emb, end + max_pos)
@@ -124,7 +130,7 @@ def main(args):
         ranked = [(doc_ids[j], float(s)) for s, j in zip(scores[qi], idx[qi]) if j >= 0]
         non_pos = [(d, s) for d, s in ranked if d not in pos]
         totals["positive"] += len(ranked) - len(non_pos)
-        chosen, counts = select_negatives(non_pos[start:end], queries[qid], pos, corpus, args, rng,
+        chosen, counts = select_negatives(non_pos[start:end], queries[qid], pos, corpus, sorted_ids, args, rng,
                                           score=lambda did: float(q_emb[qi] @ d_emb[row_of[did]]))
         for k in counts:
             totals[k] += counts[k]

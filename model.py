@@ -28,8 +28,12 @@ def default_model():
 
 
 def pick_device(name):
-    """--device: "auto" is cuda when present, else cpu."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") else name)
+    """--device: "auto" is cuda when present, else cpu. Under torchrun, cuda means this rank's GPU (LOCAL_RANK)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
 
 
 def autocast(device, dtype):
@@ -81,6 +85,8 @@ class BiEncoder(nn.Module):
         if self.settings["pooling"] not in POOLINGS:
             raise ValueError(f"unknown pooling {self.settings['pooling']!r}; choose one of {POOLINGS}")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:  # decoder models (last-token pooling) often have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.encoder = AutoModel.from_pretrained(path, attn_implementation="sdpa")
         # Separate towers: queries get their own copy of the transformer (saved under query_tower/).
         qpath = os.path.join(path, "query_tower")

@@ -272,9 +272,6 @@ def main(args):
         raise ValueError(f"--resume takes no value or 'auto', not {args.resume!r}")
     rank, world = distributed()
     device = pick_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     chunk_size = args.chunk_size if args.chunk_size >= 0 else (256 if device.type == "cuda" else 32)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -306,12 +303,16 @@ def main(args):
                       passage_max_len=args.passage_max_len).to(device)
     model.train()  # dropout on, as in the model's pretraining
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and LayerNorm (as the HF Trainer)
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": [p for p in params if p.ndim < 2],
+                                                      "weight_decay": 0.0}],
+                                  lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")  # fp16 gradients underflow without it
     ctx = autocast(device, dtype)
+    if args.compile:  # compiled dropout must draw eager's random numbers, or pass 2 would not replay pass 1
+        torch._inductor.config.fallback_random = True
     encoder_fwd = torch.compile(model) if args.compile else model
     big = args.batch_size * args.batch_size * group_size > 2 ** 24 and device.type == "cuda"
     loss_impl = fused_info_nce if args.loss == "fused" or (args.loss == "auto" and big) else info_nce
@@ -324,7 +325,13 @@ def main(args):
             state = torch.load(state_path, map_location="cpu", weights_only=False)
             if state["args"]["model"] != args.model or set(state["model"]) != set(model.state_dict()):
                 raise data.InputError(f"{state_path}: this checkpoint was trained from --model "
-                                      f"{state['args']['model'] or 'default'}, not {args.model or 'default'}")
+                                      f"{state['args']['model'] or 'default'} (separate towers: "
+                                      f"{state['args']['separate_towers']}), not {args.model or 'default'} "
+                                      f"(separate towers: {args.separate_towers})")
+            for name in ("batch_size", "seed", "group_size", "train_data", "dataset", "epochs"):
+                if state["args"][name] != vars(args)[name]:  # the data position would mean another thing
+                    raise data.InputError(f"{state_path}: it was trained with --{name} {state['args'][name]}, "
+                                          f"not {vars(args)[name]}")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -334,9 +341,11 @@ def main(args):
             else:
                 say(f"the checkpoint has RNG states of {len(state['rng'])} processes, not {world}: dropout is reseeded")
             start = state["step"]
-            if rank == 0:  # drop log lines of steps after the checkpoint: they are about to be redone
-                with open(log_path) as f:
-                    rows = [line for line in f if json.loads(line)["step"] <= start]
+            if rank == 0:  # keep the log up to the checkpoint (later steps are redone; a kill may cut a line)
+                rows = []
+                if os.path.isfile(log_path):
+                    with open(log_path) as f:
+                        rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start]
                 data.atomic_write(log_path, lambda f: f.writelines(rows))
             say(f"resumed {state_path} at step {start}")
         elif args.resume == "last":
@@ -388,11 +397,12 @@ def main(args):
             all_reduce_grads(params)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
-        metrics = torch.tensor([loss.item(), accuracy(q, gather(d), group_size, rank * local_b) / world],
-                               device=device)
+        # loss, accuracy and "a signal arrived" summed over ranks (so that all ranks stop after the same step)
+        metrics = torch.tensor([loss.item(), accuracy(q, gather(d), group_size, rank * local_b) / world,
+                                float(stop["signal"] is not None)], device=device)
         if world > 1:
             dist.all_reduce(metrics)
-        loss_v, acc = metrics.tolist()
+        loss_v, acc, stopping = metrics.tolist()
         if not math.isfinite(loss_v):
             bar.close()
             raise SystemExit(f"error: step {step + 1}: loss is {loss_v}. Try a lower --lr, --dtype bf16 or fp32 "
@@ -415,7 +425,7 @@ def main(args):
             if step % args.log_every == 0 or step == total_steps:
                 tqdm.write(f"step {step}/{total_steps} | loss {loss_v:.4f} | acc {acc:.3f} | lr {row['lr']:.2e} | "
                            f"{row['q_per_s']:.1f} q/s | {row['tokens_per_s']:.0f} tok/s | mem {row['mem_gb']:.2f} GB")
-        if (args.save_every and step % args.save_every == 0) or step == total_steps or stop["signal"]:
+        if (args.save_every and step % args.save_every == 0) or step == total_steps or stopping:
             rngs = [rng_states()]
             if world > 1:
                 rngs = [None] * world
@@ -425,9 +435,8 @@ def main(args):
                     "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                     "args": vars(args)})
-        if stop["signal"]:
-            say(f"\nstopped by signal {stop['signal']} after step {step}; checkpoint in {args.out_dir} "
-                f"(continue with --resume)")
+        if stopping:
+            say(f"\nstopped by a signal after step {step}; checkpoint in {args.out_dir} (continue with --resume)")
             break
     bar.close()
     if rank == 0:

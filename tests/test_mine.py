@@ -12,13 +12,14 @@ def args(**kw):
 
 CORPUS = {"p": "positive text", "a": "doc a", "b": "doc b", "b2": "doc b", "c": "doc c", "q": "the query",
           "d": "doc d", "e": "doc e", "f": "doc f", "g": "doc g"}
-SCORES = {"a": 0.79, "b": 0.70, "b2": 0.70, "c": 0.60, "q": 0.58, "d": 0.50, "e": 0.10, "f": 0.05, "g": 0.01}
+SCORES = {"p": 0.8, "a": 0.79, "b": 0.70, "b2": 0.70, "c": 0.60, "q": 0.58, "d": 0.50, "e": 0.10, "f": 0.05, "g": 0.01}
 WINDOW = [(d, SCORES[d]) for d in ("a", "b", "b2", "q", "c", "d")]  # ranked, positives already removed
 POS = {"p": 0.8}
 
 
 def select(**kw):
-    return mine.select_negatives(WINDOW, "the query", POS, CORPUS, args(**kw), random.Random(0), SCORES.get)
+    return mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(**kw), random.Random(0),
+                                 SCORES.get)
 
 
 def test_dedup_and_query_text_removed():
@@ -48,6 +49,13 @@ def test_random_mix():
 
 
 def test_seeded_random_sampling():
-    a = mine.select_negatives(WINDOW, "the query", POS, CORPUS, args(sampling="random"), random.Random(5), SCORES.get)
-    b = mine.select_negatives(WINDOW, "the query", POS, CORPUS, args(sampling="random"), random.Random(5), SCORES.get)
+    a, b = (mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(sampling="random"),
+                                  random.Random(5), SCORES.get) for _ in range(2))
     assert a == b
+
+
+def test_relative_margin_with_a_negative_floor():
+    pos = {"p": -0.2}  # the lowest positive scores below zero: 0.95 x -0.2 = -0.19 would keep higher scores
+    chosen, counts = mine.select_negatives([("a", -0.1), ("b", -0.3)], "the query", pos, CORPUS, [], args(margin=0.95),
+                                           random.Random(0), {"a": -0.1, "b": -0.3}.get)
+    assert [d for d, _ in chosen] == ["b"] and counts["margin"] == 1
