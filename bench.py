@@ -163,13 +163,14 @@ def bench_loss(args, cuda):
 
 
 def bench_memory(args, cuda):
-    """Issue: peak memory of one train step grows with the chunk, not the batch (real MiniLM, real SciFact)."""
+    """Peak memory of one train step grows with the chunk, not the batch (real MiniLM, real NFCorpus texts)."""
     import tempfile
 
+    from conftest import NFCORPUS
     from test_train import make_train_file
     tmp = tempfile.mkdtemp()
-    sizes = [64, 1024] if args.quick else [64, 256, 1024]
-    train_data = make_train_file(os.path.join(tmp, "train.jsonl"), n=max(sizes), num_neg=1)
+    sizes = [64, 256, 1024]
+    train_data = make_train_file(os.path.join(tmp, "train.jsonl"), n=max(sizes), num_neg=1, folder=NFCORPUS)
     max_len = 64 if args.quick else 256
     rows = {}
     for chunk in (32, 0):

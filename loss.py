@@ -27,11 +27,13 @@ import torch.nn.functional as F
 
 
 def false_negative_mask(d_keys, q_pos_keys, targets, cols=None):
-    """(B, C) bool, True where document j is a positive of query i but not its target. cols: the global column
-    index of each document when d_keys is a tile of the documents."""
+    """(B, C) bool, True where document j is a positive of query i but not its target. Keys are non-negative
+    (-1 pads q_pos_keys). cols: the global column index of each document when d_keys is a tile of the documents."""
     cols = torch.arange(d_keys.shape[0], device=d_keys.device) if cols is None else cols
-    is_pos = (d_keys[None, :, None] == q_pos_keys[:, None, :]) & (q_pos_keys[:, None, :] != -1)  # (B, C, P)
-    return is_pos.any(-1) & (cols[None, :] != targets[:, None])
+    is_pos = torch.zeros(q_pos_keys.shape[0], d_keys.shape[0], dtype=torch.bool, device=d_keys.device)
+    for k in q_pos_keys.T:  # one (B, C) comparison per positive slot: never a (B, C, P) tensor
+        is_pos |= d_keys[None, :] == k[:, None]
+    return is_pos & (cols[None, :] != targets[:, None])
 
 
 def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None):

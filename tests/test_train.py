@@ -12,9 +12,10 @@ from conftest import SCIFACT
 from loss import info_nce
 
 
-def make_train_file(path, n=24, num_neg=3, seed=0):
-    """A small real train jsonl: SciFact train queries, their positives, random corpus documents as negatives."""
-    corpus, queries, qrels = data.load_dataset(SCIFACT, "train")
+def make_train_file(path, n=24, num_neg=3, seed=0, folder=SCIFACT):
+    """A small real train jsonl: train queries (SciFact unless folder says otherwise), their positives, random
+    corpus documents as negatives."""
+    corpus, queries, qrels = data.load_dataset(folder, "train")
     rng = random.Random(seed)
     doc_ids = sorted(corpus)
     rows = []
