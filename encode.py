@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from model import BiEncoder, autocast, default_model, pick_device
+from model import DTYPES, BiEncoder, autocast, default_model, pick_device
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # what to encode
@@ -28,7 +28,8 @@ parser.add_argument("--dataset", default="beir/scifact/test", help="ir_datasets 
 parser.add_argument("--split", default=None, help="split of a BEIR folder (test, dev, train)")
 parser.add_argument("--max_len", type=int, default=None, help="override the checkpoint's passage max length")
 # how
-parser.add_argument("--batch_size", type=int, default=128, help="texts per forward pass")
+parser.add_argument("--batch_size", type=int, default=None, help="texts per forward pass (default 32 on CPU, 256 "
+                                                                "on GPU)")
 parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the encoder")
 parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
 parser.add_argument("--store", default="fp16", choices=["fp16", "fp32"], help="dtype of the saved .npy files")
@@ -47,10 +48,11 @@ def distributed():
 
 
 @torch.no_grad()
-def encode_texts(model, texts, kind, batch_size=128, dtype="fp32", device=None, progress=True):
+def encode_texts(model, texts, kind, batch_size=None, dtype="fp32", device=None, progress=True):
     """Embed a list of texts ("query" or "doc") -> float32 numpy (len(texts), D), in the input order.
     Under torchrun every rank embeds a contiguous share of the length-sorted texts and all get the whole result."""
     device = device or next(model.parameters()).device
+    batch_size = batch_size or (256 if device.type == "cuda" else 32)
     model.eval()
     rank, world = distributed()
     tokens = model.tokenize(texts, kind, padding=False)["input_ids"]  # tokenise once, pad per batch
@@ -97,7 +99,9 @@ def load_embeddings(folder, name):
 def main(args):
     device = pick_device(args.device)
     rank, _ = distributed()
-    model = BiEncoder(args.model or default_model(), passage_max_len=args.max_len).to(device)
+    # inference only: the weights themselves can be bf16/fp16 (no fp32 master copy to keep), faster than
+    # autocast, which re-casts them every forward
+    model = BiEncoder(args.model or default_model(), passage_max_len=args.max_len).to(device, DTYPES[args.dtype])
     corpus, queries, _ = data.load_dataset(args.dataset, args.split)
     t0 = time.time()
     doc_ids, q_ids = list(corpus), list(queries)

@@ -34,7 +34,8 @@ parser.add_argument("--dim", type=int, default=None, help="score the first DIM d
 parser.add_argument("--ignore_identical_ids", action="store_true", help="drop a document whose id equals the "
                                                                         "query id (some BEIR sets, e.g. Quora)")
 # encoding (with --model)
-parser.add_argument("--batch_size", type=int, default=128, help="texts per forward pass when encoding")
+parser.add_argument("--batch_size", type=int, default=None, help="texts per forward pass when encoding (default "
+                                                                "32 on CPU, 256 on GPU)")
 parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the encoder")
 parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
 parser.add_argument("--seed", type=int, default=0, help="unused (evaluation is deterministic); kept for symmetry")
@@ -176,10 +177,10 @@ def main(args):
         model_name = args.emb
     else:
         from encode import encode_texts
-        from model import BiEncoder, default_model, pick_device
+        from model import DTYPES, BiEncoder, default_model, pick_device
         model_name = args.model or default_model()
         device = pick_device(args.device)
-        model = BiEncoder(model_name).to(device)
+        model = BiEncoder(model_name).to(device, DTYPES[args.dtype])  # inference: bf16/fp16 weights
         d_ids, q_ids = list(corpus), list(queries)
         d_emb = encode_texts(model, [corpus[i] for i in d_ids], "doc", args.batch_size, args.dtype, device)
         q_emb = encode_texts(model, [queries[i] for i in q_ids], "query", args.batch_size, args.dtype, device)

@@ -21,7 +21,7 @@ import numpy as np
 import data
 from encode import distributed, encode_texts
 from evaluate import search
-from model import BiEncoder, default_model, pick_device
+from model import DTYPES, BiEncoder, default_model, pick_device
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # data
@@ -43,7 +43,8 @@ parser.add_argument("--sampling", default="random", choices=["random", "top"], h
                                                                                     "highest-ranked ones")
 parser.add_argument("--random_frac", type=float, default=0.0, help="share of negatives drawn from the whole corpus")
 # hardware
-parser.add_argument("--batch_size", type=int, default=128, help="texts per forward pass when encoding")
+parser.add_argument("--batch_size", type=int, default=None, help="texts per forward pass when encoding (default "
+                                                                "32 on CPU, 256 on GPU)")
 parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the encoder")
 parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
 parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
@@ -105,7 +106,7 @@ def main(args):
     qids = sorted(qrels)
     if args.queries:
         qids = data.read_ids(args.queries, qrels)
-    model = BiEncoder(args.model or default_model()).to(device)
+    model = BiEncoder(args.model or default_model()).to(device, DTYPES[args.dtype])  # inference: see encode.py
     doc_ids = list(corpus)
     d_emb = encode_texts(model, [corpus[i] for i in doc_ids], "doc", args.batch_size, args.dtype, device)
     q_emb = encode_texts(model, [queries[q] for q in qids], "query", args.batch_size, args.dtype, device)

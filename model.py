@@ -36,6 +36,9 @@ def pick_device(name):
     return device
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device, dtype):
     """--dtype fp32 | bf16 | fp16: the autocast context the encoder runs under (weights stay float32)."""
     if dtype not in ("fp32", "bf16", "fp16"):
