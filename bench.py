@@ -93,6 +93,7 @@ def child(spec):
         examples = data.read_train_jsonl(spec["train_data"])
         model = SentenceTransformer(default_model(), device=str(device))
         model.max_seq_length = spec["max_len"]
+        model.train()  # dropout on, as its trainer does (and as ours trains)
         if spec["weights"] == "bf16":
             model.to(torch.bfloat16)
         loss_fn = CachedMultipleNegativesRankingLoss(model, scale=1 / spec["temp"], mini_batch_size=spec["chunk"])

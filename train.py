@@ -407,6 +407,7 @@ def main(args):
             bar.close()
             raise SystemExit(f"error: step {step + 1}: loss is {loss_v}. Try a lower --lr, --dtype bf16 or fp32 "
                              f"instead of fp16, a larger --temp, or check the data; the last good checkpoint is kept.")
+        lr = scheduler.get_last_lr()[0]  # the learning rate this step used
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -415,7 +416,7 @@ def main(args):
 
         seconds = time.time() - t0
         tokens = int(q_tok["attention_mask"].sum() + d_tok["attention_mask"].sum()) * world
-        row = {"step": step, "epoch": epoch, "loss": loss_v, "acc": acc, "lr": scheduler.get_last_lr()[0],
+        row = {"step": step, "epoch": epoch, "loss": loss_v, "acc": acc, "lr": lr,
                "grad_norm": grad_norm, "replay_err": replay_err, "q_per_s": args.batch_size / seconds,
                "tokens_per_s": tokens / seconds, "mem_gb": memory_gb(device), "seconds": seconds}
         if rank == 0:

@@ -221,3 +221,17 @@ def test_readme_commands_use_real_flags():
             assert flag in known, f"README: {script} has no flag {flag}"
             checked += 1
     assert checked > 20
+
+
+def test_separate_towers_save_and_load(tiny_model, tmp_path):
+    m = BiEncoder(tiny_model, separate=True)
+    with torch.no_grad():
+        next(m.query_encoder.parameters()).add_(1.0)  # make the towers differ
+    m.save(str(tmp_path / "m"))
+    back = BiEncoder(str(tmp_path / "m"))
+    assert back.separate
+    for a, b in zip(m.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+    batch = back.tokenize(["same text"], "doc")
+    with torch.no_grad():
+        assert not torch.allclose(back.eval()(batch, "query"), back(batch, "doc"))
