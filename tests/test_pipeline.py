@@ -235,3 +235,18 @@ def test_separate_towers_save_and_load(tiny_model, tmp_path):
     batch = back.tokenize(["same text"], "doc")
     with torch.no_grad():
         assert not torch.allclose(back.eval()(batch, "query"), back(batch, "doc"))
+
+
+def test_compare_two_runs_paired_test_and_plot(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, 50)
+    noise = rng.normal(0, 0.02, 50)
+    for name, values in (("a", base), ("b", base + 0.1 + noise - noise.mean())):
+        per_query = {str(i): {"ndcg@10": v, "recall@100": v, "mrr@10": v, "map": v} for i, v in enumerate(values)}
+        data.write_json(str(tmp_path / name / "metrics.json"),
+                        {"per_query": per_query, "recall_curve": list(np.linspace(0.1, 0.9, 1000))})
+    evaluate.main(evaluate.parser.parse_args(["--compare", str(tmp_path / "a"), str(tmp_path / "b"),
+                                              "--out", str(tmp_path / "cmp")]))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("ndcg@10"))
+    assert "diff +0.1000" in line and float(re.search(r"p = (\S+)", line).group(1)) < 1e-6, line
+    assert (tmp_path / "cmp" / "recall_at_k.png").stat().st_size > 1000

@@ -69,7 +69,7 @@ def test_sigterm_saves_and_exits_zero(tiny_model, train_file, tmp_path):
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err[-2000:]
-    assert "stopped by signal" in out
+    assert "stopped by a signal" in out
     state = torch.load(tmp_path / "train_state.pt", weights_only=False)
     log = (tmp_path / "log.jsonl").read_text().splitlines()
     assert state["step"] == json.loads(log[-1])["step"] < 50 * 6
