@@ -118,7 +118,8 @@ def test_cached_gradient_equals_full_batch_with_pass1_masks(tiny_model):
     full = [p.grad for p in used]
     num = sum((a - b).double().norm() ** 2 for a, b in zip(cached, full)) ** 0.5
     den = sum(b.double().norm() ** 2 for b in full) ** 0.5
-    assert num / den < 1e-5, num / den
+    print(f"cached vs full-graph gradient: relative difference {num / den:.1e}")
+    assert num / den < 1e-6, num / den  # measured 1.4e-7: float32 summation order
 
 
 def test_length_chunks_trim_padding():
