@@ -74,13 +74,18 @@ def truncate(emb, dim):
     return unit(emb[:, :dim])
 
 
+def ranked(docs):
+    """[(doc_id, score)] by score, then by id: the one order used for truncation, MRR@10, recall@k and run.trec."""
+    return sorted(docs.items(), key=lambda x: (-x[1], x[0]))
+
+
 def evaluate_run(run, qrels):
     """run {qid: {docid: score}}, qrels {qid: {docid: grade}} -> ({measure: mean}, {qid: {measure: value}}).
     Means are over the queries of the qrels (a query with no retrieved document scores 0)."""
     import pytrec_eval
     per_query = pytrec_eval.RelevanceEvaluator(qrels, MEASURES).evaluate(run)
     # MRR@10: reciprocal rank of the first relevant document within the top 10 (0 if none)
-    top10 = {qid: dict(sorted(docs.items(), key=lambda x: (-x[1], x[0]))[:10]) for qid, docs in run.items()}
+    top10 = {qid: dict(ranked(docs)[:10]) for qid, docs in run.items()}
     for qid, m in pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10).items():
         per_query[qid]["mrr_10"] = m["recip_rank"]
     names = {"ndcg_cut_": "ndcg@", "recall_": "recall@", "P_": "p@", "mrr_10": "mrr@10"}
@@ -97,8 +102,8 @@ def recall_curve(run, qrels, k):
     curve = np.zeros(k)
     for qid, docs in qrels.items():
         relevant = {d for d, g in docs.items() if g > 0}
-        ranked = [d for d, _ in sorted(run.get(qid, {}).items(), key=lambda x: (-x[1], x[0]))[:k]]
-        hits = np.cumsum([d in relevant for d in ranked] + [0] * (k - len(ranked)))
+        top = [d for d, _ in ranked(run.get(qid, {}))[:k]]
+        hits = np.cumsum([d in relevant for d in top] + [0] * (k - len(top)))
         curve += hits / max(1, len(relevant))
     return curve / len(qrels)
 
@@ -154,7 +159,7 @@ def build_run(q_ids, d_ids, scores, idx, ignore_identical_ids=False):
 def write_trec(path, run, tag):
     def write(f):
         for qid, docs in run.items():
-            for rank, (did, s) in enumerate(sorted(docs.items(), key=lambda x: (-x[1], x[0])), 1):
+            for rank, (did, s) in enumerate(ranked(docs), 1):
                 f.write(f"{qid} Q0 {did} {rank} {s:.6f} {tag}\n")
     data.atomic_write(path, write)
 
@@ -192,7 +197,7 @@ def main(args):
     # ask for one more when identical ids are dropped, so each query still gets k documents
     scores, idx = search(q_emb, d_emb, args.k + args.ignore_identical_ids, args.index)
     run = build_run(q_ids, d_ids, scores, idx, args.ignore_identical_ids)
-    run = {qid: dict(sorted(docs.items(), key=lambda x: (-x[1], x[0]))[:args.k]) for qid, docs in run.items()}
+    run = {qid: dict(ranked(docs)[:args.k]) for qid, docs in run.items()}
     run = {qid: docs for qid, docs in run.items() if qid in qrels}
     means, per_query = evaluate_run(run, qrels)
     means["queries"] = len(qrels)
