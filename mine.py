@@ -89,9 +89,12 @@ def select_negatives(window, query, pos, corpus, doc_ids, args, rng, score):
     used = {query} | {corpus[p] for p in pos} | {corpus[d] for d, _ in chosen}
     if len(chosen) < args.num_neg:  # top up from the whole corpus, with the window's filters
         for did in rng.sample(doc_ids, min(len(doc_ids), 4 * args.num_neg + len(pos))):
-            if len(chosen) < args.num_neg and did not in pos and corpus[did] not in used and score(did) < limit:
+            if len(chosen) == args.num_neg or did in pos or corpus[did] in used:
+                continue
+            s = score(did)  # one dot product, used for the filter and written out
+            if s < limit:
                 used.add(corpus[did])
-                chosen.append((did, score(did)))
+                chosen.append((did, s))
                 counts["random"] += 1
     counts["short_window"] = int(len(kept) < n_hard)
     return chosen, counts
