@@ -59,8 +59,8 @@ def encode_texts(model, texts, kind, batch_size=None, dtype="fp32", device=None,
     order = np.argsort([-len(t) for t in tokens], kind="stable")  # longest first: a memory error shows at once
     share = np.array_split(order, world)[rank]
     out = np.zeros((len(texts), model.dim), dtype=np.float32)
-    bar = tqdm(total=len(share), desc=f"encode {kind}s", unit=kind, disable=not progress or rank != 0,
-               mininterval=2)
+    bar = tqdm(total=len(share), desc="encode queries" if kind == "query" else "encode docs", unit=kind,
+               disable=not progress or rank != 0, mininterval=2)
     for i in range(0, len(share), batch_size):
         idx = share[i:i + batch_size]
         batch = model.tokenizer.pad({"input_ids": [tokens[j] for j in idx]}, return_tensors="pt").to(device)

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 SETTINGS = "biencoder.json"
 DEFAULTS = dict(pooling="cls", normalize=True, query_prefix="", doc_prefix="", query_max_len=512, passage_max_len=512)
@@ -78,8 +78,21 @@ def read_settings(path):
     return s
 
 
+def load_encoder(path, attention_dropout=None):
+    """The transformer with PyTorch's fused attention (SDPA); attention_dropout, if given, replaces the config's
+    dropout on attention probabilities (BERT: attention_probs_dropout_prob, most decoders: attention_dropout)."""
+    config = AutoConfig.from_pretrained(path)
+    if attention_dropout is not None:
+        names = [n for n in ("attention_probs_dropout_prob", "attention_dropout") if hasattr(config, n)]
+        if not names:
+            raise ValueError(f"--attention_dropout: the config of {path} has no attention dropout setting")
+        for name in names:
+            setattr(config, name, attention_dropout)
+    return AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa")
+
+
 class BiEncoder(nn.Module):
-    def __init__(self, path, separate=False, **overrides):
+    def __init__(self, path, separate=False, attention_dropout=None, **overrides):
         super().__init__()
         if not os.path.isdir(path):
             raise ValueError(f"--model {path}: not a folder (nothing is downloaded; give a local Hugging Face folder)")
@@ -90,12 +103,12 @@ class BiEncoder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:  # decoder models (last-token pooling) often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.encoder = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        self.encoder = load_encoder(path, attention_dropout)
         # Separate towers: queries get their own copy of the transformer (saved under query_tower/).
         qpath = os.path.join(path, "query_tower")
         self.separate = separate or os.path.isdir(qpath)
-        self.query_encoder = (AutoModel.from_pretrained(qpath if os.path.isdir(qpath) else path,
-                                                        attn_implementation="sdpa") if self.separate else None)
+        self.query_encoder = (load_encoder(qpath if os.path.isdir(qpath) else path, attention_dropout)
+                              if self.separate else None)
 
     @property
     def dim(self):

@@ -53,6 +53,9 @@ parser.add_argument("--model", default=None, help="Hugging Face folder or checkp
 parser.add_argument("--pooling", default=None, choices=["cls", "mean", "last"], help="default: the model's")
 parser.add_argument("--query_prefix", default=None, help="instruction before each query (default: the model's)")
 parser.add_argument("--doc_prefix", default=None, help="instruction before each document (default: the model's)")
+parser.add_argument("--attention_dropout", type=float, default=None,
+                    help="dropout on attention probabilities (default: the model's, 0.1 for BERT); 0 makes a CPU "
+                         "step ~1/3 faster (its random masks are a third of the time)")
 parser.add_argument("--separate_towers", action="store_true", help="queries get their own copy of the encoder")
 # optimisation
 parser.add_argument("--batch_size", type=int, default=128, help="queries a step, over all ranks; the last partial "
@@ -298,7 +301,8 @@ def main(args):
     local_b = args.batch_size // world
 
     # model and optimiser
-    model = BiEncoder(args.model or default_model(), separate=args.separate_towers, pooling=args.pooling,
+    model = BiEncoder(args.model or default_model(), separate=args.separate_towers,
+                      attention_dropout=args.attention_dropout, pooling=args.pooling,
                       query_prefix=args.query_prefix, doc_prefix=args.doc_prefix, query_max_len=args.query_max_len,
                       passage_max_len=args.passage_max_len).to(device)
     model.train()  # dropout on, as in the model's pretraining

@@ -7,12 +7,14 @@
 #   MARGIN=0 MASK=0 ...           + mined hard negatives (ranks 10-100)
 #   MASK=0 ...                    + positive-aware margin (0.95 x the lowest positive score)
 #   (defaults)                    + false-negative masking in the loss
+# Matryoshka table: GROUP=1 MASK=0 DIMS="256 128 64", with and without MRL=384,256,128,64
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-runs/scifact}
-GROUP=${GROUP:-4} MARGIN=${MARGIN:-0.95} MASK=${MASK:-1} EPOCHS=${EPOCHS:-2} LR=${LR:-3e-5} TEMP=${TEMP:-0.05}
-RUN="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}"
+GROUP=${GROUP:-4} MARGIN=${MARGIN:-0.95} MASK=${MASK:-1} EPOCHS=${EPOCHS:-3} LR=${LR:-3e-5} TEMP=${TEMP:-0.05}
+ADROP=${ADROP:-0} MRL=${MRL:-}  # attention dropout (the model has 0.1); Matryoshka dims, e.g. 384,256,128,64
+RUN="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}${MRL:+_mrl$MRL}"
 mkdir -p "$RUN"
 
 # 1. dev split: 100 of the 809 train queries, fixed by seed 0; training never sees them
@@ -33,10 +35,16 @@ MINED="$OUT/mined_m${MARGIN}.jsonl"
 
 # 3. fine-tune (bf16 autocast, fp32 weights; gradient cache chunks of 32 texts)
 $PYTHON train.py --train_data "$MINED" --group_size "$GROUP" --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
-    --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --query_max_len 64 --dtype bf16 \
+    --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --attention_dropout "$ADROP" ${MRL:+--mrl_dims "$MRL"} \
+    --query_max_len 64 --dtype bf16 \
     --out_dir "$RUN/ft" --log_every 5
 
 # 4. dev (settings were chosen here), then test once
 $PYTHON evaluate.py --model "$RUN/ft/model" --dataset beir/scifact/train --queries "$OUT/dev.ids" \
     --dtype bf16 --out "$RUN/dev"
-$PYTHON evaluate.py --model "$RUN/ft/model" --dataset beir/scifact/test --dtype fp32 --out "$RUN/test"
+$PYTHON encode.py --model "$RUN/ft/model" --dataset beir/scifact/test --dtype fp32 --store fp32 --out "$RUN/emb_test"
+$PYTHON evaluate.py --emb "$RUN/emb_test" --dataset beir/scifact/test --out "$RUN/test"
+# 5. Matryoshka: the same test embeddings truncated to each of DIMS (re-normalised); no re-encoding
+for d in ${DIMS:-}; do
+    $PYTHON evaluate.py --emb "$RUN/emb_test" --dataset beir/scifact/test --dim "$d" --out "$RUN/test_dim$d"
+done

@@ -128,3 +128,17 @@ def test_length_chunks_trim_padding():
     chunks, order = train.length_chunks(tokens, 2)
     assert order.tolist() == [1, 0, 2]
     assert [c["input_ids"].shape for c in chunks] == [(2, 4), (1, 1)]
+
+
+def test_attention_dropout_flag(tiny_model, train_file, tmp_path):
+    """--attention_dropout replaces the dropout on attention probabilities only, and the saved config says so."""
+    def rates(model):
+        attn = {m.dropout.p for name, m in model.named_modules() if name.endswith("attention.self")}
+        other = {m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "self" not in name}
+        return attn, other
+    assert rates(train.BiEncoder(tiny_model)) == ({0.1}, {0.1})
+    assert rates(train.BiEncoder(tiny_model, attention_dropout=0.0)) == ({0.0}, {0.1})
+    run(tiny_model, train_file, tmp_path / "ad0", "--chunk_size", 4, "--attention_dropout", 0)
+    with open(tmp_path / "ad0" / "model" / "config.json") as f:
+        config = json.load(f)
+    assert config["attention_probs_dropout_prob"] == 0.0 and config["hidden_dropout_prob"] == 0.1
