@@ -27,6 +27,8 @@ parser.add_argument("--quick", action="store_true", help="CPU-sized settings")
 parser.add_argument("--reps", type=int, default=3, help="repetitions (medians reported)")
 parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
 parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+parser.add_argument("--attention_dropout", type=float, default=None,
+                    help="train: attention dropout for both sides (default: the model's 0.1)")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one measurement
 
 
@@ -91,7 +93,9 @@ def child(spec):
         from model import autocast, default_model
         t0 = time.perf_counter()
         examples = data.read_train_jsonl(spec["train_data"])
-        model = SentenceTransformer(default_model(), device=str(device))
+        ad = spec["attention_dropout"]
+        model = SentenceTransformer(default_model(), device=str(device), config_kwargs=None if ad is None else
+                                    {"attention_probs_dropout_prob": ad})
         model.max_seq_length = spec["max_len"]
         model.train()  # dropout on, as its trainer does (and as ours trains)
         if spec["weights"] == "bf16":
@@ -226,6 +230,8 @@ def bench_train(args, cuda):
                 "2", "--chunk_size", str(chunk), "--max_steps", str(steps), "--passage_max_len", str(max_len),
                 "--query_max_len", "32", "--dtype", args.dtype, "--device", args.device, "--temp", "0.05",
                 "--out_dir", os.path.join(tmp, "ours"), "--log_every", "1"]
+    if args.attention_dropout is not None:
+        ours_cmd += ["--attention_dropout", str(args.attention_dropout)]
     configs = ["fp32"] + (["bf16"] if cuda else [])  # ST with fp32 weights + autocast; bf16 weights on GPU
     ours, base = [], {w: [] for w in configs}
     for _ in range(args.reps):
@@ -233,11 +239,13 @@ def bench_train(args, cuda):
         for w in configs:
             base[w].append(measure({"kind": "st_train", "train_data": train_data, "batch": batch, "chunk": chunk,
                                     "steps": steps, "max_len": max_len, "temp": 0.05, "dtype": args.dtype,
-                                    "weights": w, "device": args.device})["wall"])
+                                    "weights": w, "device": args.device,
+                                    "attention_dropout": args.attention_dropout})["wall"])
     for w in configs:
         emit(what="train", ours=statistics.median(ours), baseline=statistics.median(base[w]), unit="s whole process",
              ratio=statistics.median(base[w]) / statistics.median(ours), batch=batch, group=2, chunk=chunk,
-             steps=steps, max_len=max_len, dtype=args.dtype, baseline_weights=w, reps=args.reps)
+             steps=steps, max_len=max_len, dtype=args.dtype, baseline_weights=w, reps=args.reps,
+             attention_dropout=args.attention_dropout)
 
 
 def main(args):

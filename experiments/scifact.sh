@@ -28,23 +28,32 @@ for name, part in (("dev", sorted(dev)), ("train", [q for q in ids if q not in d
     data.atomic_write(f"{sys.argv[1]}/{name}.ids", lambda f: f.writelines(q + "\n" for q in part))
 PY
 
-# 2. hard negatives for the train part, mined with the model we start from (reused when already there)
+# test: fp32 embeddings once, scored at full size and, for the Matryoshka table, truncated to each of DIMS
+test_eval() {  # $1: run folder; the rest: encode.py's model flags
+    local run=$1; shift
+    [ -f "$run/emb_test/meta.json" ] || $PYTHON encode.py "$@" --dataset beir/scifact/test --dtype fp32 \
+        --store fp32 --out "$run/emb_test"
+    $PYTHON evaluate.py --emb "$run/emb_test" --dataset beir/scifact/test --out "$run/test"
+    for d in ${DIMS:-}; do
+        $PYTHON evaluate.py --emb "$run/emb_test" --dataset beir/scifact/test --dim "$d" --out "$run/test_dim$d"
+    done
+}
+
+# 2. zero-shot: the model we start from (its embeddings reused when already there)
+test_eval "$OUT/zeroshot"
+
+# 3. hard negatives for the train part, mined with the model we start from (reused when already there)
 MINED="$OUT/mined_m${MARGIN}.jsonl"
 [ -f "$MINED" ] || $PYTHON mine.py --dataset beir/scifact/train --queries "$OUT/train.ids" --range 10-100 \
     --num_neg 7 --margin "$MARGIN" --dtype bf16 --out "$MINED"
 
-# 3. fine-tune (bf16 autocast, fp32 weights; gradient cache chunks of 32 texts)
+# 4. fine-tune (bf16 autocast, fp32 weights; gradient cache chunks of 32 texts)
 $PYTHON train.py --train_data "$MINED" --group_size "$GROUP" --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
     --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --attention_dropout "$ADROP" ${MRL:+--mrl_dims "$MRL"} \
     --query_max_len 64 --dtype bf16 \
     --out_dir "$RUN/ft" --log_every 5
 
-# 4. dev (settings were chosen here), then test once
+# 5. dev (settings were chosen here), then test once
 $PYTHON evaluate.py --model "$RUN/ft/model" --dataset beir/scifact/train --queries "$OUT/dev.ids" \
     --dtype bf16 --out "$RUN/dev"
-$PYTHON encode.py --model "$RUN/ft/model" --dataset beir/scifact/test --dtype fp32 --store fp32 --out "$RUN/emb_test"
-$PYTHON evaluate.py --emb "$RUN/emb_test" --dataset beir/scifact/test --out "$RUN/test"
-# 5. Matryoshka: the same test embeddings truncated to each of DIMS (re-normalised); no re-encoding
-for d in ${DIMS:-}; do
-    $PYTHON evaluate.py --emb "$RUN/emb_test" --dataset beir/scifact/test --dim "$d" --out "$RUN/test_dim$d"
-done
+test_eval "$RUN" --model "$RUN/ft/model"
