@@ -15,7 +15,9 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SETTINGS = "biencoder.json"
 DEFAULTS = dict(pooling="cls", normalize=True, query_prefix="", doc_prefix="", query_max_len=512, passage_max_len=512)
@@ -78,9 +80,36 @@ def read_settings(path):
     return s
 
 
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Transformers' SDPA attention, except when training on CPU with attention dropout: there PyTorch's SDPA falls
+    back to a path whose Bernoulli masks cost more than the attention itself (README, speed). Here each dropped
+    probability comes from a 16-bit random integer (four per 64-bit draw; p rounded to 1/65536) and the
+    1/(1-p) rescale is applied to the output, 8x smaller than the (B, H, L, L) probabilities."""
+    plain = not (getattr(module, "is_causal", False) or getattr(module, "num_key_value_groups", 1) > 1
+                 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None)
+    if dropout == 0 or query.device.type != "cpu" or not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    with torch.autocast("cpu", enabled=False):  # stay in the dtype autocast gave q, k, v: no (B, H, L, L) copies
+        scores = torch.matmul(query * (scaling or query.shape[-1] ** -0.5), key.transpose(-1, -2))
+        if attention_mask is not None:  # boolean (True = attend) or additive
+            scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                      else scores + attention_mask)
+        threshold = round(dropout * 65536) - 32768  # int16 draws below it are dropped
+        bits = torch.empty((scores.numel() + 3) // 4, dtype=torch.int64, device=query.device).random_(-2**63, None)
+        drop = bits.view(torch.int16)[:scores.numel()].view(scores.shape) < threshold
+        out = torch.matmul(scores.softmax(-1).masked_fill(drop, 0), value) / (1 - (threshold + 32768) / 65536)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("sdpa_cpu_dropout", attention)
+AttentionMaskInterface.register("sdpa_cpu_dropout", sdpa_mask)
+
+
 def load_encoder(path, attention_dropout=None):
-    """The transformer with PyTorch's fused attention (SDPA); attention_dropout, if given, replaces the config's
-    dropout on attention probabilities (BERT: attention_probs_dropout_prob, most decoders: attention_dropout)."""
+    """The transformer with PyTorch's fused attention (SDPA, through `attention` above); attention_dropout, if given,
+    replaces the config's dropout on attention probabilities (BERT: attention_probs_dropout_prob, most decoders:
+    attention_dropout)."""
     config = AutoConfig.from_pretrained(path)
     if attention_dropout is not None:
         names = [n for n in ("attention_probs_dropout_prob", "attention_dropout") if hasattr(config, n)]
@@ -88,7 +117,7 @@ def load_encoder(path, attention_dropout=None):
             raise ValueError(f"--attention_dropout: the config of {path} has no attention dropout setting")
         for name in names:
             setattr(config, name, attention_dropout)
-    return AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa")
+    return AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa_cpu_dropout")
 
 
 class BiEncoder(nn.Module):

@@ -142,3 +142,45 @@ def test_attention_dropout_flag(tiny_model, train_file, tmp_path):
     with open(tmp_path / "ad0" / "model" / "config.json") as f:
         config = json.load(f)
     assert config["attention_probs_dropout_prob"] == 0.0 and config["hidden_dropout_prob"] == 0.1
+
+
+def test_cpu_dropout_attention_drops_rate_p_and_rescales():
+    """Uniform attention (q = 0) over one-hot values (v = identity) shows each kept/dropped probability directly:
+    out[b, i, h, j] = keep / (L * (1 - p)). Masked keys get nothing; gradients match finite differences."""
+    import model
+    torch.manual_seed(0)
+    B, H, L, p = 4, 4, 64, 0.1
+    attn = torch.nn.Module()  # stands in for a BERT self-attention module (not causal)
+    q = k = torch.zeros(B, H, L, L)
+    v = torch.eye(L).expand(B, H, L, L)
+    out, _ = model.attention(attn, q, k, v, None, dropout=p)  # (B, L, H, L)
+    kept = out * L * (1 - p)
+    assert torch.allclose(kept, kept.round(), atol=1e-4) and set(kept.round().unique().tolist()) == {0.0, 1.0}
+    rate = 1 - kept.mean().item()
+    assert abs(rate - p) < 4 * (p * (1 - p) / kept.numel()) ** 0.5, rate  # 4 sigma: fails ~1 in 16,000 seeds
+    mask = torch.ones(B, 1, L, L, dtype=torch.bool)
+    mask[:, :, :, L // 2:] = False
+    out, _ = model.attention(attn, q, k, v, mask, dropout=p)
+    assert out[..., L // 2:].abs().max() == 0 and (out[..., :L // 2] > 0).float().mean() > 0.8
+
+    def fn(q, k, v):  # a fixed mask (same seed each call) makes attention a deterministic function to gradcheck
+        torch.manual_seed(0)
+        return model.attention(attn, q, k, v, mask[:1, :, :6, :6], dropout=0.3)[0]
+    args = [torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_cpu_dropout_attention_is_what_training_runs(tiny_model, monkeypatch):
+    """Training on CPU with attention dropout takes model.attention's own path; eval falls back to SDPA."""
+    import model
+    calls = []
+    sdpa = model.sdpa_attention_forward
+    monkeypatch.setattr(model, "sdpa_attention_forward", lambda *a, **kw: calls.append(kw["dropout"]) or sdpa(*a, **kw))
+    enc = train.BiEncoder(tiny_model)
+    batch = enc.tokenize(["a short query", "and a longer query with more words"], "query")
+    enc.train()
+    enc(batch, "query")
+    assert calls == []
+    enc.eval()
+    enc(batch, "query")
+    assert calls == [0.0, 0.0]  # two layers, SDPA without dropout
