@@ -54,8 +54,7 @@ parser.add_argument("--pooling", default=None, choices=["cls", "mean", "last"], 
 parser.add_argument("--query_prefix", default=None, help="instruction before each query (default: the model's)")
 parser.add_argument("--doc_prefix", default=None, help="instruction before each document (default: the model's)")
 parser.add_argument("--attention_dropout", type=float, default=None,
-                    help="dropout on attention probabilities (default: the model's, 0.1 for BERT); 0 halved a CPU "
-                         "step of experiments/scifact.sh (17 s vs 32-35 s): no random mask over every attention map")
+                    help="dropout on attention probabilities (default: the model's, 0.1 for BERT)")
 parser.add_argument("--separate_towers", action="store_true", help="queries get their own copy of the encoder")
 # optimisation
 parser.add_argument("--batch_size", type=int, default=128, help="queries a step, over all ranks; the last partial "
