@@ -20,6 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # shared helpers: the real-data train file and subset
+from model import default_model  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--what", default="all", choices=["loss", "memory", "encode", "train", "all"], help="comparison")
@@ -73,7 +74,6 @@ def child(spec):
         out = {"seconds": statistics.median(times), "extra_peak_gb": peak_gb(device) - base}
     elif spec["kind"] == "train_memory":
         import train
-        from model import default_model
         args = train.parser.parse_args([
             "--model", default_model(), "--train_data", spec["train_data"], "--batch_size", str(spec["batch"]),
             "--chunk_size", str(spec["chunk"]), "--group_size", "2", "--max_steps", "1", "--passage_max_len",
@@ -90,11 +90,11 @@ def child(spec):
             from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
 
         import data
-        from model import autocast, default_model
+        from model import autocast
         t0 = time.perf_counter()
         examples = data.read_train_jsonl(spec["train_data"])
         ad = spec["attention_dropout"]
-        model = SentenceTransformer(default_model(), device=str(device), config_kwargs=None if ad is None else
+        model = SentenceTransformer(spec["model"], device=str(device), config_kwargs=None if ad is None else
                                     {"attention_probs_dropout_prob": ad})
         model.max_seq_length = spec["max_len"]
         model.train()  # dropout on, as its trainer does (and as ours trains)
@@ -102,8 +102,9 @@ def child(spec):
             model.to(torch.bfloat16)
         loss_fn = CachedMultipleNegativesRankingLoss(model, scale=1 / spec["temp"], mini_batch_size=spec["chunk"])
         opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
-        B = spec["batch"]
+        B, times = spec["batch"], []
         for step in range(spec["steps"]):
+            t1 = time.perf_counter()
             rows = examples[step * B:(step + 1) * B]
             cols = [[r["query"] for r in rows], [r["pos"][0] for r in rows], [r["neg"][0] for r in rows]]
             feats = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in model.tokenize(c).items()}
@@ -113,16 +114,40 @@ def child(spec):
             loss.backward()
             opt.step()
             opt.zero_grad()
-        out = {"seconds": time.perf_counter() - t0, "peak_gb": peak_gb(device)}
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t1)
+        out = {"seconds": time.perf_counter() - t0, "peak_gb": peak_gb(device),
+               "q_per_s": B / statistics.median(times[1:] or times)}  # the first step warms up
     elif spec["kind"] == "st_encode":
         from sentence_transformers import SentenceTransformer
 
         import data
-        from model import default_model
         corpus, queries, _ = data.load_dataset(spec["dataset"], "test")
         model = SentenceTransformer(default_model(), device=str(device))
         model.encode(list(corpus.values()))  # its defaults (batch 32, fp32), as a user calls it
         model.encode(list(queries.values()))
+    elif spec["kind"] == "encode_rate":  # docs/s inside one process, after a warm-up: ours or ST, bf16 weights
+        import data
+        docs = [r["pos"][0] for r in data.read_train_jsonl(spec["train_data"])]
+        if spec["impl"] == "ours":
+            from encode import encode_texts
+            from model import BiEncoder
+            model = BiEncoder(spec["model"], passage_max_len=spec["max_len"]).to(device, torch.bfloat16)
+            run = lambda texts: encode_texts(model, texts, "doc", spec["batch"], "bf16", device, progress=False)
+        else:
+            from sentence_transformers import SentenceTransformer
+            model = SentenceTransformer(spec["model"], device=str(device)).to(torch.bfloat16)
+            model.max_seq_length = spec["max_len"]
+            run = lambda texts: model.encode(texts, batch_size=spec["batch"])
+        run(docs[:2 * spec["batch"]])  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(docs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out = {"docs_per_s": len(docs) / (time.perf_counter() - t0), "peak_gb": peak_gb(device)}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -194,7 +219,10 @@ def bench_memory(args, cuda):
 
 
 def bench_encode(args, cuda):
-    """encode.py vs SentenceTransformer.encode on 500 SciFact docs + 60 queries, whole-process wall time."""
+    """encode.py vs SentenceTransformer.encode on 500 SciFact docs + 60 queries, whole-process wall time
+    (GPU without --quick: bench_encode_gpu)."""
+    if cuda and not args.quick:
+        return bench_encode_gpu(args)
     import tempfile
     tmp = tempfile.mkdtemp()
     from conftest import scifact_subset
@@ -218,34 +246,154 @@ def bench_encode(args, cuda):
 
 
 def bench_train(args, cuda):
-    """3 training steps, whole process: ours (gradient cache) vs CachedMultipleNegativesRankingLoss, same model,
-    texts, batch, group, mini-batch and max length."""
+    """CPU (--quick, or no GPU): 3 training steps, whole process, on real SciFact texts. GPU: throughput (queries/s
+    after a warm-up step), peak memory and MFU, bert-base-sized and MiniLM, against every ST configuration.
+    Ours (gradient cache) vs CachedMultipleNegativesRankingLoss: same model, texts, batch, group, mini-batch."""
+    if cuda and not args.quick:
+        return bench_train_gpu(args)
     import tempfile
 
     from test_train import make_train_file
     tmp = tempfile.mkdtemp()
-    batch, chunk, steps, max_len = (64, 16, 3, 256) if args.quick or not cuda else (1024, 128, 5, 256)
+    batch, chunk, steps, max_len = 64, 16, 3, 256
     train_data = make_train_file(os.path.join(tmp, "train.jsonl"), n=batch * steps, num_neg=1)
-    ours_cmd = [sys.executable, "train.py", "--train_data", train_data, "--batch_size", str(batch), "--group_size",
-                "2", "--chunk_size", str(chunk), "--max_steps", str(steps), "--passage_max_len", str(max_len),
-                "--query_max_len", "32", "--dtype", args.dtype, "--device", args.device, "--temp", "0.05",
-                "--out_dir", os.path.join(tmp, "ours"), "--log_every", "1"]
-    if args.attention_dropout is not None:
-        ours_cmd += ["--attention_dropout", str(args.attention_dropout)]
-    configs = ["fp32"] + (["bf16"] if cuda else [])  # ST with fp32 weights + autocast; bf16 weights on GPU
-    ours, base = [], {w: [] for w in configs}
+    ours_cmd = train_cmd(default_model(), train_data, batch, chunk, steps, 32, max_len, args,
+                         os.path.join(tmp, "ours"))
+    ours, base = [], []
     for _ in range(args.reps):
         ours.append(command(ours_cmd)[0])
-        for w in configs:
-            base[w].append(measure({"kind": "st_train", "train_data": train_data, "batch": batch, "chunk": chunk,
-                                    "steps": steps, "max_len": max_len, "temp": 0.05, "dtype": args.dtype,
-                                    "weights": w, "device": args.device,
-                                    "attention_dropout": args.attention_dropout})["wall"])
-    for w in configs:
-        emit(what="train", ours=statistics.median(ours), baseline=statistics.median(base[w]), unit="s whole process",
-             ratio=statistics.median(base[w]) / statistics.median(ours), batch=batch, group=2, chunk=chunk,
-             steps=steps, max_len=max_len, dtype=args.dtype, baseline_weights=w, reps=args.reps,
-             attention_dropout=args.attention_dropout)
+        base.append(measure({"kind": "st_train", "model": default_model(), "train_data": train_data, "batch": batch,
+                             "chunk": chunk, "steps": steps, "max_len": max_len, "temp": 0.05, "dtype": args.dtype,
+                             "weights": "fp32", "device": args.device,
+                             "attention_dropout": args.attention_dropout})["wall"])
+    emit(what="train", ours=statistics.median(ours), baseline=statistics.median(base), unit="s whole process",
+         ratio=statistics.median(base) / statistics.median(ours), batch=batch, group=2, chunk=chunk, steps=steps,
+         max_len=max_len, dtype=args.dtype, baseline_weights="fp32", reps=args.reps,
+         attention_dropout=args.attention_dropout)
+
+
+def train_cmd(model, train_data, batch, chunk, steps, q_len, d_len, args, out_dir):
+    cmd = [sys.executable, "train.py", "--model", model, "--train_data", train_data, "--batch_size", str(batch),
+           "--group_size", "2", "--chunk_size", str(chunk), "--max_steps", str(steps), "--query_max_len", str(q_len),
+           "--passage_max_len", str(d_len), "--dtype", args.dtype, "--device", args.device, "--temp", "0.05",
+           "--out_dir", out_dir, "--log_every", "1"]
+    return cmd + (["--attention_dropout", str(args.attention_dropout)] if args.attention_dropout is not None else [])
+
+
+# The issue's GPU setting: batch 1024, 1 hard negative, queries of 32 tokens, documents of 256 (synthetic text).
+GPU = dict(batch=1024, chunk=128, steps=6, q_len=32, d_len=256, docs=16384, encode_batch=512)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s (SXM), for MFU
+
+
+def random_bert_base(folder):
+    """bert-base-sized (768 wide, 12 layers, 110M parameters) with random weights and MiniLM's tokenizer (the same
+    30522-word vocabulary), as a Hugging Face folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    torch.manual_seed(0)
+    BertModel(BertConfig()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model()).save_pretrained(folder)
+    return folder
+
+
+def synthetic_train_file(path, n, q_words, d_words):
+    """n rows of random vocabulary words, one token each: queries of q_words, positives and negatives of d_words
+    (a pair (lo, hi) draws each length uniformly)."""
+    import random
+
+    import data
+    from transformers import AutoTokenizer
+    vocab = sorted(w for w in AutoTokenizer.from_pretrained(default_model()).vocab if w.isascii() and w.isalpha())
+    rng = random.Random(0)
+    text = lambda k: " ".join(rng.choices(vocab, k=k if isinstance(k, int) else rng.randint(*k)))
+    data.write_jsonl(path, [{"query": text(q_words), "pos": [text(d_words)], "neg": [text(d_words)]}
+                            for _ in range(n)])
+    return path
+
+
+def flops(folder, lengths, train):
+    """Model FLOPs of one pass over texts of these token lengths: 2 x parameters x tokens for the matmuls plus
+    4 x layers x L^2 x width for attention, times 3 for forward + backward (the cache's extra forward not counted)."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(folder)
+    params = c.num_hidden_layers * (4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.intermediate_size)
+    f = sum(2 * params * L + 4 * c.num_hidden_layers * L * L * c.hidden_size for L in lengths)
+    return 3 * f if train else f
+
+
+def mfu(flops_per_s):
+    peak = next((v for k, v in PEAK_BF16.items() if k in device_name()), None)
+    return None if peak is None else round(flops_per_s / peak, 4)
+
+
+def bench_train_gpu(args):
+    import tempfile
+    tmp = tempfile.mkdtemp()
+    g = GPU
+    train_data = synthetic_train_file(os.path.join(tmp, "train.jsonl"), g["batch"] * g["steps"], g["q_len"] - 2,
+                                      g["d_len"] + 50)
+    models = {"bert-base (random)": random_bert_base(os.path.join(tmp, "bert-base")), "all-MiniLM-L6-v2":
+              default_model()}
+    per_query = [g["q_len"], g["d_len"], g["d_len"]]  # token lengths of one example: query, positive, negative
+    configs = [("fp32", g["chunk"]), ("bf16", g["chunk"]), ("bf16", 512)]  # ST: autocast; bf16 weights at 2 sizes
+    for name, folder in models.items():
+        flops_q = flops(folder, per_query, train=True)
+        ours, base = [], {c: [] for c in configs}
+        for rep in range(args.reps):
+            out_dir = os.path.join(tmp, f"ours_{rep}")
+            command(train_cmd(folder, train_data, g["batch"], g["chunk"], g["steps"], g["q_len"], g["d_len"], args,
+                              out_dir))
+            with open(os.path.join(out_dir, "log.jsonl")) as f:
+                log = [json.loads(line) for line in f][1:]  # the first step warms up
+            ours.append({"q_per_s": statistics.median(r["q_per_s"] for r in log),
+                         "peak_gb": max(r["mem_gb"] for r in log)})
+            for w, chunk in configs:
+                base[(w, chunk)].append(measure({
+                    "kind": "st_train", "model": folder, "train_data": train_data, "batch": g["batch"],
+                    "chunk": chunk, "steps": g["steps"], "max_len": g["d_len"], "temp": 0.05, "dtype": args.dtype,
+                    "weights": w, "device": args.device, "attention_dropout": args.attention_dropout}))
+        med = lambda rows, k: statistics.median(r[k] for r in rows)
+        q_ours = med(ours, "q_per_s")
+        for (w, chunk), rows in base.items():
+            q_base = med(rows, "q_per_s")
+            emit(what="train_gpu", model=name, ours=q_ours, baseline=q_base, unit="queries/s", ratio=q_ours / q_base,
+                 ours_peak_gb=med(ours, "peak_gb"), baseline_peak_gb=med(rows, "peak_gb"),
+                 ours_mfu=mfu(q_ours * flops_q), baseline_mfu=mfu(q_base * flops_q), batch=g["batch"], group=2,
+                 ours_chunk=g["chunk"], baseline_mini_batch=chunk, baseline_weights=w, dtype=args.dtype,
+                 reps=args.reps, device=device_name())
+
+
+def device_name():
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def bench_encode_gpu(args):
+    """docs/s inside the process (after a warm-up), bf16 weights on both sides, batch 512, synthetic documents of
+    100-256 tokens (~180 on average)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+    tmp = tempfile.mkdtemp()
+    g = GPU
+    docs_file = synthetic_train_file(os.path.join(tmp, "docs.jsonl"), g["docs"], 2, (98, 254))
+    tok = AutoTokenizer.from_pretrained(default_model())
+    with open(docs_file) as f:
+        lengths = [min(len(tok(json.loads(line)["pos"][0])["input_ids"]), g["d_len"]) for line in f]
+    for name, folder in {"bert-base (random)": random_bert_base(os.path.join(tmp, "bert-base")),
+                         "all-MiniLM-L6-v2": default_model()}.items():
+        flops_doc = flops(folder, lengths, train=False) / len(lengths)
+        res = {"ours": [], "st": []}
+        for _ in range(args.reps):
+            for impl in res:
+                res[impl].append(measure({"kind": "encode_rate", "impl": impl, "model": folder, "device": args.device,
+                                          "train_data": docs_file, "batch": g["encode_batch"],
+                                          "max_len": g["d_len"]})["docs_per_s"])
+        ours, base = statistics.median(res["ours"]), statistics.median(res["st"])
+        emit(what="encode_gpu", model=name, ours=ours, baseline=base, unit="docs/s", ratio=ours / base,
+             ours_mfu=mfu(ours * flops_doc), baseline_mfu=mfu(base * flops_doc), docs=len(lengths),
+             mean_tokens=sum(lengths) / len(lengths), batch=g["encode_batch"], weights="bf16", reps=args.reps,
+             device=device_name())
 
 
 def main(args):
