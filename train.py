@@ -23,6 +23,7 @@ import resource
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -373,21 +374,34 @@ def main(args):
             loss = loss + distill_kl(q, d, teacher, args.temp, args.teacher_temp, group_size)
         return loss / world
 
-    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
-    log = open(log_path, "a" if start else "w") if rank == 0 else None  # a fresh run starts a fresh log
-    step, order_epoch, order = start, None, None
-    while step < total_steps:
-        t0 = time.time()
+    orders = {}  # epoch -> its example order (only the prefetch thread touches it)
+
+    def prepare(step):
+        """This rank's batch of a step, tokenised once, on the CPU. It runs in a background thread one step ahead
+        (the tokenizer releases the GIL), so tokenising the next batch overlaps the device's work on this one."""
         epoch, b = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            order, order_epoch = data.epoch_order(len(examples), args.seed, epoch), epoch
-        batch_idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = data.epoch_order(len(examples), args.seed, epoch)
+        batch_idx = orders[epoch][b * args.batch_size:(b + 1) * args.batch_size]
         queries, docs, d_keys, pos_keys, teacher = make_batch(examples, batch_idx, group_size, args.seed, epoch,
                                                               use_ids)
         local = slice(rank * local_b, (rank + 1) * local_b)
-        q_tok = model.tokenize(queries[local], "query")  # tokenise once a step, on the CPU
-        d_tok = model.tokenize(docs[local.start * group_size:local.stop * group_size], "doc")
-        keys = key_tensors(d_keys, pos_keys[local], device) if args.mask_false_negatives else (None, None)
+        return (epoch, model.tokenize(queries[local], "query"),
+                model.tokenize(docs[local.start * group_size:local.stop * group_size], "doc"), d_keys,
+                pos_keys[local], teacher)
+
+    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
+    log = open(log_path, "a" if start else "w") if rank == 0 else None  # a fresh run starts a fresh log
+    step = start
+    prefetch = ThreadPoolExecutor(1)
+    next_batch = prefetch.submit(prepare, step)
+    while step < total_steps:
+        t0 = time.time()
+        epoch, q_tok, d_tok, d_keys, pos_keys, teacher = next_batch.result()
+        if step + 1 < total_steps:
+            next_batch = prefetch.submit(prepare, step + 1)
+        keys = key_tensors(d_keys, pos_keys, device) if args.mask_false_negatives else (None, None)
 
         if args.teacher_temp:
             if teacher is None:
@@ -442,6 +456,7 @@ def main(args):
         if stopping:
             say(f"\nstopped by a signal after step {step}; checkpoint in {args.out_dir} (continue with --resume)")
             break
+    prefetch.shutdown(cancel_futures=True)
     bar.close()
     if rank == 0:
         log.close()
