@@ -81,13 +81,14 @@ def read_settings(path):
 
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Transformers' SDPA attention, except when training on CPU with attention dropout: there PyTorch's SDPA falls
-    back to a path whose Bernoulli masks cost more than the attention itself (README, speed). Here each dropped
-    probability comes from a 16-bit random integer (four per 64-bit draw; p rounded to 1/65536) and the
-    1/(1-p) rescale is applied to the output, 8x smaller than the (B, H, L, L) probabilities."""
+    """Transformers' SDPA attention, except in eager training on CPU with attention dropout: there PyTorch's SDPA
+    falls back to a path whose Bernoulli masks cost more than the attention itself (README, speed). Here each
+    dropped probability comes from a 16-bit random integer (four per 64-bit draw; p rounded to 1/65536) and the
+    1/(1-p) rescale is applied to the output, 8x smaller than the (B, H, L, L) probabilities. (Compiled code
+    keeps SDPA, whose random draws inductor replays exactly.)"""
     plain = not (getattr(module, "is_causal", False) or getattr(module, "num_key_value_groups", 1) > 1
                  or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None)
-    if dropout == 0 or query.device.type != "cpu" or not plain:
+    if dropout == 0 or query.device.type != "cpu" or not plain or torch.compiler.is_compiling():
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     with torch.autocast("cpu", enabled=False):  # stay in the dtype autocast gave q, k, v: no (B, H, L, L) copies
