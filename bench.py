@@ -285,15 +285,18 @@ GPU = dict(batch=1024, chunk=128, steps=6, q_len=32, d_len=256, docs=16384, enco
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s (SXM), for MFU
 
 
-def random_bert_base(folder):
-    """bert-base-sized (768 wide, 12 layers, 110M parameters) with random weights and MiniLM's tokenizer (the same
-    30522-word vocabulary), as a Hugging Face folder."""
+def random_berts(folder):
+    """bert-base-sized (768 wide, 12 layers, 110M parameters) and MiniLM-L6-sized (384 wide, 6 layers) encoders
+    with random weights (speed does not depend on them) and MiniLM's tokenizer (the 30522-word vocabulary of
+    bert-base), as Hugging Face folders."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
     torch.manual_seed(0)
-    BertModel(BertConfig()).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_model()).save_pretrained(folder)
-    return folder
+    shapes = {"bert-base": {}, "MiniLM-L6": dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1536)}
+    for name, shape in shapes.items():
+        BertModel(BertConfig(**shape)).save_pretrained(os.path.join(folder, name))
+        AutoTokenizer.from_pretrained(default_model()).save_pretrained(os.path.join(folder, name))
+    return {name: os.path.join(folder, name) for name in shapes}
 
 
 def synthetic_train_file(path, n, q_words, d_words):
@@ -332,8 +335,7 @@ def bench_train_gpu(args):
     g = GPU
     train_data = synthetic_train_file(os.path.join(tmp, "train.jsonl"), g["batch"] * g["steps"], g["q_len"] - 2,
                                       g["d_len"] + 50)
-    models = {"bert-base (random)": random_bert_base(os.path.join(tmp, "bert-base")), "all-MiniLM-L6-v2":
-              default_model()}
+    models = random_berts(tmp)
     per_query = [g["q_len"], g["d_len"], g["d_len"]]  # token lengths of one example: query, positive, negative
     configs = [("fp32", g["chunk"]), ("bf16", g["chunk"]), ("bf16", 512)]  # ST: autocast; bf16 weights at 2 sizes
     for name, folder in models.items():
@@ -380,8 +382,7 @@ def bench_encode_gpu(args):
     tok = AutoTokenizer.from_pretrained(default_model())
     with open(docs_file) as f:
         lengths = [min(len(tok(json.loads(line)["pos"][0])["input_ids"]), g["d_len"]) for line in f]
-    for name, folder in {"bert-base (random)": random_bert_base(os.path.join(tmp, "bert-base")),
-                         "all-MiniLM-L6-v2": default_model()}.items():
+    for name, folder in random_berts(tmp).items():
         flops_doc = flops(folder, lengths, train=False) / len(lengths)
         res = {"ours": [], "st": []}
         for _ in range(args.reps):
