@@ -389,7 +389,7 @@ def main(args):
         local = slice(rank * local_b, (rank + 1) * local_b)
         return (epoch, model.tokenize(queries[local], "query"),
                 model.tokenize(docs[local.start * group_size:local.stop * group_size], "doc"), d_keys,
-                pos_keys[local], teacher)
+                pos_keys[local], teacher and teacher[local])
 
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
     log = open(log_path, "a" if start else "w") if rank == 0 else None  # a fresh run starts a fresh log
@@ -407,7 +407,7 @@ def main(args):
             if teacher is None:
                 raise data.InputError(f"--teacher_temp needs pos_scores and neg_scores in every line of "
                                       f"{args.train_data} (mine.py writes them)")
-            teacher = torch.tensor(teacher[local], device=device)  # (b, G)
+            teacher = torch.tensor(teacher, device=device)  # (b, G)
         step_loss = lambda q, d: loss_fn(q, d, keys, teacher)
         loss, q, d, replay_err = train_step(encoder_fwd, q_tok, d_tok, step_loss, chunk_size, ctx, scaler, device)
         if world > 1:
