@@ -45,6 +45,13 @@ def peak_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+def sync(device):
+    """Wait for the GPU's queued work, so that a timer reads the work's time and not its launch."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def child(spec):
     """Run one measurement in this (fresh) process; print a JSON result line."""
     import torch
@@ -59,8 +66,8 @@ def child(spec):
         d = torch.nn.functional.normalize(torch.randn(N, D, device=device), dim=-1).to(dtype).requires_grad_()
         fn = fused_info_nce if spec["impl"] == "fused" else info_nce
         fn(q, d, 0.02, N // B).backward()  # warm-up (and compile)
+        sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 1e9 if device.type == "cuda" else rss_gb()
         times = []
@@ -68,8 +75,7 @@ def child(spec):
             q.grad = d.grad = None
             t0 = time.perf_counter()
             fn(q, d, 0.02, N // B).backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             times.append(time.perf_counter() - t0)
         out = {"seconds": statistics.median(times), "extra_peak_gb": peak_gb(device) - base}
     elif spec["kind"] == "train_memory":
@@ -114,8 +120,7 @@ def child(spec):
             loss.backward()
             opt.step()
             opt.zero_grad()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             times.append(time.perf_counter() - t1)
         out = {"seconds": time.perf_counter() - t0, "peak_gb": peak_gb(device),
                "q_per_s": B / statistics.median(times[1:] or times)}  # the first step warms up
@@ -141,12 +146,10 @@ def child(spec):
             model.max_seq_length = spec["max_len"]
             run = lambda texts: model.encode(texts, batch_size=spec["batch"])
         run(docs[:2 * spec["batch"]])  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         run(docs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         out = {"docs_per_s": len(docs) / (time.perf_counter() - t0), "peak_gb": peak_gb(device)}
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -295,9 +298,10 @@ def random_berts(folder):
     from transformers import AutoTokenizer, BertConfig, BertModel
     torch.manual_seed(0)
     shapes = {"bert-base": {}, "MiniLM-L6": dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1536)}
+    tokenizer = AutoTokenizer.from_pretrained(default_model())
     for name, shape in shapes.items():
         BertModel(BertConfig(**shape)).save_pretrained(os.path.join(folder, name))
-        AutoTokenizer.from_pretrained(default_model()).save_pretrained(os.path.join(folder, name))
+        tokenizer.save_pretrained(os.path.join(folder, name))
     return {name: os.path.join(folder, name) for name in shapes}
 
 
@@ -383,7 +387,8 @@ def bench_encode_gpu(args):
     docs_file = synthetic_train_file(os.path.join(tmp, "docs.jsonl"), g["docs"], 2, (98, 254))
     tok = AutoTokenizer.from_pretrained(default_model())
     with open(docs_file) as f:
-        lengths = [min(len(tok(json.loads(line)["pos"][0])["input_ids"]), g["d_len"]) for line in f]
+        docs = [json.loads(line)["pos"][0] for line in f]
+    lengths = [min(len(ids), g["d_len"]) for ids in tok(docs)["input_ids"]]
     for name, folder in random_berts(tmp).items():
         flops_doc = flops(folder, lengths, train=False) / len(lengths)
         res = {"ours": [], "st": []}

@@ -96,10 +96,10 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         if attention_mask is not None:  # boolean (True = attend) or additive
             scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
                       else scores + attention_mask)
-        threshold = round(dropout * 65536) - 32768  # int16 draws below it are dropped
+        dropped = round(dropout * 65536)  # of the 65536 int16 values, the lowest `dropped` drop a probability
         bits = torch.empty((scores.numel() + 3) // 4, dtype=torch.int64, device=query.device).random_(-2**63, None)
-        drop = bits.view(torch.int16)[:scores.numel()].view(scores.shape) < threshold
-        out = torch.matmul(scores.softmax(-1).masked_fill(drop, 0), value) / (1 - (threshold + 32768) / 65536)
+        drop = bits.view(torch.int16)[:scores.numel()].view(scores.shape) < dropped - 32768
+        out = torch.matmul(scores.softmax(-1).masked_fill(drop, 0), value) / (1 - dropped / 65536)
     return out.transpose(1, 2).contiguous(), None
 
 
