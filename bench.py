@@ -137,8 +137,8 @@ def child(spec):
         docs = [r["pos"][0] for r in data.read_train_jsonl(spec["train_data"])]
         if spec["impl"] == "ours":
             from encode import encode_texts
-            from model import BiEncoder
-            model = BiEncoder(spec["model"], passage_max_len=spec["max_len"]).to(device, torch.bfloat16)
+            from model import for_inference
+            model = for_inference(spec["model"], device, "bf16", passage_max_len=spec["max_len"])
             run = lambda texts: encode_texts(model, texts, "doc", spec["batch"], "bf16", device, progress=False)
         else:
             from sentence_transformers import SentenceTransformer

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from model import DTYPES, BiEncoder, autocast, default_model, pick_device
+from model import autocast, default_model, for_inference, pick_device
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # what to encode
@@ -99,9 +99,7 @@ def load_embeddings(folder, name):
 def main(args):
     device = pick_device(args.device)
     rank, _ = distributed()
-    # inference only: the weights themselves can be bf16/fp16 (no fp32 master copy to keep), faster than
-    # autocast, which re-casts them every forward
-    model = BiEncoder(args.model or default_model(), passage_max_len=args.max_len).to(device, DTYPES[args.dtype])
+    model = for_inference(args.model or default_model(), device, args.dtype, passage_max_len=args.max_len)
     corpus, queries, _ = data.load_dataset(args.dataset, args.split)
     t0 = time.time()
     doc_ids, q_ids = list(corpus), list(queries)

@@ -182,10 +182,10 @@ def main(args):
         model_name = args.emb
     else:
         from encode import encode_texts
-        from model import DTYPES, BiEncoder, default_model, pick_device
+        from model import default_model, for_inference, pick_device
         model_name = args.model or default_model()
         device = pick_device(args.device)
-        model = BiEncoder(model_name).to(device, DTYPES[args.dtype])  # inference: bf16/fp16 weights
+        model = for_inference(model_name, device, args.dtype)
         d_ids, q_ids = list(corpus), list(queries)
         d_emb = encode_texts(model, [corpus[i] for i in d_ids], "doc", args.batch_size, args.dtype, device)
         q_emb = encode_texts(model, [queries[i] for i in q_ids], "query", args.batch_size, args.dtype, device)

@@ -21,7 +21,7 @@ import numpy as np
 import data
 from encode import distributed, encode_texts
 from evaluate import search
-from model import DTYPES, BiEncoder, default_model, pick_device
+from model import default_model, for_inference, pick_device
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # data
@@ -109,7 +109,7 @@ def main(args):
     qids = sorted(qrels)
     if args.queries:
         qids = data.read_ids(args.queries, qrels)
-    model = BiEncoder(args.model or default_model()).to(device, DTYPES[args.dtype])  # inference: see encode.py
+    model = for_inference(args.model or default_model(), device, args.dtype)
     doc_ids = list(corpus)
     d_emb = encode_texts(model, [corpus[i] for i in doc_ids], "doc", args.batch_size, args.dtype, device)
     q_emb = encode_texts(model, [queries[q] for q in qids], "query", args.batch_size, args.dtype, device)

@@ -80,6 +80,32 @@ def test_pooling_variants(tiny_model):
         BiEncoder(tiny_model, pooling="max")
 
 
+def test_inference_model_fuses_linears_and_gives_the_same_vectors():
+    """for_inference (encode, mine, evaluate) on CPU: every linear runs through fused_linear, BERT's GELU inside the
+    layer before it; the real MiniLM's vectors equal the plain model's (fp32) and stay close in bf16; with
+    gradients on, the fused layers fall back to F.linear (oneDNN's op has no backward)."""
+    from model import fused_linear, for_inference
+    texts = [data.load_dataset(SCIFACT, "test")[0][d] for d in ("4983", "5836")] + ["short text"]
+    plain = BiEncoder(default_model()).eval()
+    batch = plain.tokenize(texts, "doc")
+    fused = for_inference(default_model(), torch.device("cpu"), "fp32")
+    layer = fused.encoder.encoder.layer[0]
+    assert isinstance(layer.intermediate.intermediate_act_fn, torch.nn.Identity)
+    assert layer.intermediate.dense.forward.func is fused_linear and layer.intermediate.dense.forward.args[1] == "gelu"
+    assert layer.attention.self.query.forward.args[1] == "none"
+    with torch.no_grad():
+        want, got = plain(batch, "doc"), fused(batch, "doc")
+        bf16 = for_inference(default_model(), torch.device("cpu"), "bf16")(batch, "doc")
+    assert (got - want).abs().max() < 1e-5
+    assert (bf16 * want).sum(1).min() > 0.999
+    grads = []
+    for m in (plain, fused):
+        m.zero_grad()
+        m(batch, "doc").sum().backward()
+        grads.append(m.encoder.encoder.layer[0].intermediate.dense.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
 def test_minilm_settings_come_from_its_sentence_transformers_files():
     s = BiEncoder(default_model()).settings
     assert (s["pooling"], s["normalize"], s["passage_max_len"]) == ("mean", True, 256)
