@@ -10,6 +10,7 @@ folder gets them from its sentence-transformers files when present (all-MiniLM-L
 max length 256), else the defaults below (BGE-style: cls pooling, normalize, 512 tokens).
 """
 import json
+import math
 import os
 from functools import partial
 
@@ -81,15 +82,37 @@ def read_settings(path):
     return s
 
 
+def drop_mask(shape, p, device):
+    """Dropout's mask for eager CPU training, True where dropped, and the 1/(1-p) rescale of what is kept: each
+    position gets a 16-bit random integer, four per 64-bit draw (p rounded to 1/65536). PyTorch's CPU dropout draws
+    a float per position instead (README, speed)."""
+    n, dropped = math.prod(shape), round(p * 65536)  # of the 65536 values, the lowest `dropped` drop
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    return bits.view(torch.int16)[:n].view(shape) < dropped - 32768, 1 / (1 - dropped / 65536)
+
+
+def eager_cpu_training(x, p):
+    return p > 0 and x.device.type == "cpu" and not torch.compiler.is_compiling()  # compiled: inductor's own draws
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with `drop_mask` in eager CPU training: 3.6 instead of 9.8 ms forward on 16 x 256 x 384 bf16."""
+
+    def forward(self, x):
+        if not (self.training and eager_cpu_training(x, self.p)):
+            return super().forward(x)
+        drop, scale = drop_mask(x.shape, self.p, x.device)
+        return x.masked_fill(drop, 0) * scale
+
+
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Transformers' SDPA attention, except in eager training on CPU with attention dropout: there PyTorch's SDPA
-    falls back to a path whose Bernoulli masks cost more than the attention itself (README, speed). Here each
-    dropped probability comes from a 16-bit random integer (four per 64-bit draw; p rounded to 1/65536) and the
-    1/(1-p) rescale is applied to the output, 8x smaller than the (B, H, L, L) probabilities. (Compiled code
-    keeps SDPA, whose random draws inductor replays exactly.)"""
+    falls back to a path whose Bernoulli masks cost more than the attention itself (README, speed). Here the
+    probabilities are dropped with `drop_mask` and the rescale is applied to the output, 8x smaller than the
+    (B, H, L, L) probabilities."""
     plain = not (getattr(module, "is_causal", False) or getattr(module, "num_key_value_groups", 1) > 1
                  or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None)
-    if dropout == 0 or query.device.type != "cpu" or not plain or torch.compiler.is_compiling():
+    if not (plain and eager_cpu_training(query, dropout)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     with torch.autocast("cpu", enabled=False):  # stay in the dtype autocast gave q, k, v: no (B, H, L, L) copies
@@ -97,10 +120,8 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         if attention_mask is not None:  # boolean (True = attend) or additive
             scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
                       else scores + attention_mask)
-        dropped = round(dropout * 65536)  # of the 65536 int16 values, the lowest `dropped` drop a probability
-        bits = torch.empty((scores.numel() + 3) // 4, dtype=torch.int64, device=query.device).random_(-2**63, None)
-        drop = bits.view(torch.int16)[:scores.numel()].view(scores.shape) < dropped - 32768
-        out = torch.matmul(scores.softmax(-1).masked_fill(drop, 0), value) / (1 - dropped / 65536)
+        drop, scale = drop_mask(scores.shape, dropout, query.device)
+        out = torch.matmul(scores.softmax(-1).masked_fill(drop, 0), value) * scale
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -109,7 +130,7 @@ AttentionMaskInterface.register("sdpa_cpu_dropout", sdpa_mask)
 
 
 def load_encoder(path, attention_dropout=None):
-    """The transformer with PyTorch's fused attention (SDPA, through `attention` above); attention_dropout, if given,
+    """The transformer with PyTorch's fused attention (SDPA, through `attention` above) and `Dropout`; attention_dropout,
     replaces the config's dropout on attention probabilities (BERT: attention_probs_dropout_prob, most decoders:
     attention_dropout)."""
     config = AutoConfig.from_pretrained(path)
@@ -119,7 +140,12 @@ def load_encoder(path, attention_dropout=None):
             raise ValueError(f"--attention_dropout: the config of {path} has no attention dropout setting")
         for name in names:
             setattr(config, name, attention_dropout)
-    return AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa_cpu_dropout")
+    model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa_cpu_dropout")
+    for parent in list(model.modules()):  # every nn.Dropout becomes our Dropout (same p; attention reads p)
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, Dropout(child.p))
+    return model
 
 
 def fused_linear(linear, post, x):

@@ -170,6 +170,30 @@ def test_cpu_dropout_attention_drops_rate_p_and_rescales():
     assert torch.autograd.gradcheck(fn, args)
 
 
+def test_cpu_hidden_dropout_drops_rate_p_and_rescales(tiny_model):
+    """model.Dropout replaces every nn.Dropout of a loaded encoder; in CPU training it drops ~p of the entries and
+    scales the rest by exactly 1/(1-p) (p rounded to 1/65536), in eval it is the identity; gradients are exact."""
+    import model
+    enc = train.BiEncoder(tiny_model).encoder
+    drops = [m for m in enc.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(type(m) is model.Dropout for m in drops)
+    torch.manual_seed(0)
+    p, x = 0.1, torch.ones(64, 256, 32)
+    d = model.Dropout(p).train()
+    y = d(x)
+    scale = 1 / (1 - round(p * 65536) / 65536)
+    assert set(y.unique().tolist()) == {0.0, torch.tensor(scale).item()}  # scale in float32
+    rate = (y == 0).float().mean().item()
+    assert abs(rate - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5, rate
+    assert torch.equal(d.eval()(x), x)
+    d.train()
+
+    def fn(x):  # a fixed mask (same seed each call)
+        torch.manual_seed(0)
+        return d(x)
+    assert torch.autograd.gradcheck(fn, [torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)])
+
+
 def test_cpu_dropout_attention_is_what_training_runs(tiny_model, monkeypatch):
     """Training on CPU with attention dropout takes model.attention's own path; eval falls back to SDPA."""
     import model
