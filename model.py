@@ -117,9 +117,11 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
                                       **kwargs)
     with torch.autocast("cpu", enabled=False):  # stay in the dtype autocast gave q, k, v: no (B, H, L, L) copies
         scores = torch.matmul(query * (scaling or query.shape[-1] ** -0.5), key.transpose(-1, -2))
-        if attention_mask is not None:  # boolean (True = attend) or additive
-            scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
-                      else scores + attention_mask)
+        if attention_mask is not None:  # boolean (True = attend) or additive; added, as its backward costs nothing
+            if attention_mask.dtype == torch.bool:  # (B, 1, L, L): H times smaller than the scores
+                attention_mask = torch.zeros_like(attention_mask, dtype=scores.dtype).masked_fill(~attention_mask,
+                                                                                                  float("-inf"))
+            scores = scores + attention_mask
         drop, scale = drop_mask(scores.shape, dropout, query.device)
         out = torch.matmul(scores.softmax(-1).masked_fill(drop, 0), value) * scale
     return out.transpose(1, 2).contiguous(), None
