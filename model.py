@@ -132,9 +132,9 @@ AttentionMaskInterface.register("sdpa_cpu_dropout", sdpa_mask)
 
 
 def load_encoder(path, attention_dropout=None):
-    """The transformer with PyTorch's fused attention (SDPA, through `attention` above) and `Dropout`; attention_dropout,
-    replaces the config's dropout on attention probabilities (BERT: attention_probs_dropout_prob, most decoders:
-    attention_dropout)."""
+    """The transformer with PyTorch's fused attention (SDPA, through `attention` above) and `Dropout`;
+    attention_dropout, if given, replaces the config's dropout on attention probabilities (BERT:
+    attention_probs_dropout_prob, most decoders: attention_dropout)."""
     config = AutoConfig.from_pretrained(path)
     if attention_dropout is not None:
         names = [n for n in ("attention_probs_dropout_prob", "attention_dropout") if hasattr(config, n)]
