@@ -12,6 +12,7 @@ max length 256), else the defaults below (BGE-style: cls pooling, normalize, 512
 import json
 import math
 import os
+import platform
 from functools import partial
 
 import torch
@@ -166,7 +167,9 @@ def for_inference(path, device, dtype, **overrides):
     `fused_linear`, with BERT's exact GELU folded into the layer before it: 19% off MiniLM's linear layers here,
     where each pass over a (tokens, 1536) output costs as much as the matmul's bias copy (README, speed)."""
     model = BiEncoder(path, **overrides).to(device, DTYPES[dtype]).eval()
-    if device.type != "cpu" or dtype == "fp16" or not torch.backends.mkldnn.is_available():
+    x86_onednn = (device.type == "cpu" and platform.machine() in ("x86_64", "AMD64")
+                  and torch.backends.mkldnn.is_available())
+    if not (x86_onednn and (dtype == "fp32" or dtype == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported())):
         return model
     for encoder in filter(None, (model.encoder, model.query_encoder)):
         exact_gelu = getattr(encoder.config, "hidden_act", None) == "gelu"  # transformers' "gelu" is the erf one
