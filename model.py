@@ -144,11 +144,15 @@ def load_encoder(path, attention_dropout=None):
         for name in names:
             setattr(config, name, attention_dropout)
     model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa_cpu_dropout")
-    for parent in list(model.modules()):  # every nn.Dropout becomes our Dropout (same p; attention reads p)
-        for name, child in parent.named_children():
-            if type(child) is nn.Dropout:
-                setattr(parent, name, Dropout(child.p))
+    for parent, name, child in children_of_type(model, nn.Dropout):  # same p (attention reads it from there)
+        setattr(parent, name, Dropout(child.p))
     return model
+
+
+def children_of_type(model, cls):
+    """(parent, attribute name, module) for every submodule whose type is exactly cls, listed before any change."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is cls]
 
 
 def fused_linear(linear, post, x):
@@ -173,13 +177,12 @@ def for_inference(path, device, dtype, **overrides):
         return model
     for encoder in filter(None, (model.encoder, model.query_encoder)):
         exact_gelu = getattr(encoder.config, "hidden_act", None) == "gelu"  # transformers' "gelu" is the erf one
-        for parent in list(encoder.modules()):
-            gelu = exact_gelu and hasattr(parent, "intermediate_act_fn")  # BERT's MLP: dense, then the activation
+        for parent, name, linear in children_of_type(encoder, nn.Linear):
+            # BERT's MLP: `dense`, then `intermediate_act_fn`
+            gelu = exact_gelu and name == "dense" and hasattr(parent, "intermediate_act_fn")
             if gelu:
                 parent.intermediate_act_fn = nn.Identity()
-            for name, child in parent.named_children():
-                if type(child) is nn.Linear:
-                    child.forward = partial(fused_linear, child, "gelu" if gelu and name == "dense" else "none")
+            linear.forward = partial(fused_linear, linear, "gelu" if gelu else "none")
     return model
 
 
