@@ -9,18 +9,18 @@ Settings that must match between training and inference (pooling, normalize, pre
 folder gets them from its sentence-transformers files when present (all-MiniLM-L6-v2: mean pooling, normalize,
 max length 256), else the defaults below (BGE-style: cls pooling, normalize, 512 tokens).
 """
+import itertools
 import json
 import math
 import os
 import platform
-from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoConfig, AutoModel, AutoTokenizer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer  # transformers' modeling code: imported in load_encoder
 
 SETTINGS = "biencoder.json"
 DEFAULTS = dict(pooling="cls", normalize=True, query_prefix="", doc_prefix="", query_max_len=512, passage_max_len=512)
@@ -114,6 +114,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     plain = not (getattr(module, "is_causal", False) or getattr(module, "num_key_value_groups", 1) > 1
                  or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None)
     if not (plain and eager_cpu_training(query, dropout)):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     with torch.autocast("cpu", enabled=False):  # stay in the dtype autocast gave q, k, v: no (B, H, L, L) copies
@@ -128,15 +129,18 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register("sdpa_cpu_dropout", attention)
-AttentionMaskInterface.register("sdpa_cpu_dropout", sdpa_mask)
-
-
-def load_encoder(path, attention_dropout=None):
+def load_encoder(path, attention_dropout=None, inference=False):
     """The transformer with PyTorch's fused attention (SDPA, through `attention` above) and `Dropout`;
     attention_dropout, if given, replaces the config's dropout on attention probabilities (BERT:
-    attention_probs_dropout_prob, most decoders: attention_dropout)."""
+    attention_probs_dropout_prob, most decoders: attention_dropout). inference: a `Bert` where it can load one."""
     config = AutoConfig.from_pretrained(path)
+    if inference and Bert.can_load(path, config):
+        return Bert(path, config)
+    # 2.5 s to import (its fp8 and tensor-parallel support pull in torch._dynamo), so only when needed
+    from transformers import AttentionInterface, AutoModel
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register("sdpa_cpu_dropout", attention)
+    AttentionMaskInterface.register("sdpa_cpu_dropout", sdpa_mask)
     if attention_dropout is not None:
         names = [n for n in ("attention_probs_dropout_prob", "attention_dropout") if hasattr(config, n)]
         if not names:
@@ -144,50 +148,99 @@ def load_encoder(path, attention_dropout=None):
         for name in names:
             setattr(config, name, attention_dropout)
     model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa_cpu_dropout")
-    for parent, name, child in children_of_type(model, nn.Dropout):  # same p (attention reads it from there)
+    dropouts = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                if type(child) is nn.Dropout]
+    for parent, name, child in dropouts:  # same p (attention reads it from there)
         setattr(parent, name, Dropout(child.p))
     return model
 
 
-def children_of_type(model, cls):
-    """(parent, attribute name, module) for every submodule whose type is exactly cls, listed before any change."""
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if type(child) is cls]
+def linear(layer, x, gelu=False, onednn=False):
+    """layer(x), then BERT's exact GELU if asked. onednn (for_inference on an x86 CPU): bias and GELU inside the
+    matmul, in the one oneDNN call that inductor's CPU fusion emits, rather than addmm's copy of the bias plus a
+    pass of the GELU over a (tokens, 1536) output, each as costly as that copy. The op has no backward, so with
+    gradients on this is the plain path."""
+    if onednn and not torch.is_grad_enabled():
+        post, algorithm = ("gelu", "none") if gelu else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, post, [], algorithm)
+    return F.gelu(layer(x)) if gelu else layer(x)
 
 
-def fused_linear(linear, post, x):
-    """linear(x), then post ("gelu" or "none"), in one oneDNN call (the op inductor's CPU fusion emits) rather than
-    addmm's bias copy plus a pass of the activation over the output. That op has no backward: with gradients on
-    this is a plain F.linear."""
-    if torch.is_grad_enabled():
-        out = F.linear(x, linear.weight, linear.bias)
-        return F.gelu(out) if post == "gelu" else out
-    return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, post, [], "none" if post == "gelu" else "")
+class Bert(nn.Module):
+    """BERT's encoder (MiniLM, BGE, E5 ...) written out for inference and loaded straight from model.safetensors:
+    the vectors of transformers' BertModel (tests/test_pipeline.py) without importing its modeling code (2.5 s of
+    every encode.py run), with q, k and v in one matmul and, with `onednn`, the fused linears above."""
+
+    NAMES = {"qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),  # ours: transformers'
+             "out": ("attention.output.dense",), "norm1": ("attention.output.LayerNorm",),
+             "up": ("intermediate.dense",), "down": ("output.dense",), "norm2": ("output.LayerNorm",)}
+
+    @staticmethod
+    def can_load(path, config):
+        return (config.model_type == "bert" and config.hidden_act == "gelu" and not config.is_decoder
+                and getattr(config, "position_embedding_type", "absolute") == "absolute"
+                and os.path.isfile(os.path.join(path, "model.safetensors")))
+
+    def __init__(self, path, config):
+        super().__init__()
+        self.config, self.onednn = config, False
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.word = nn.Embedding(config.vocab_size, d)
+        self.position = nn.Embedding(config.max_position_embeddings, d)
+        self.token_type = nn.Embedding(config.type_vocab_size, d)
+        self.norm = nn.LayerNorm(d, eps=eps)
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            qkv=nn.Linear(d, 3 * d), out=nn.Linear(d, d), norm1=nn.LayerNorm(d, eps=eps),
+            up=nn.Linear(d, config.intermediate_size), down=nn.Linear(config.intermediate_size, d),
+            norm2=nn.LayerNorm(d, eps=eps))) for _ in range(config.num_hidden_layers))
+        file = os.path.join(path, "model.safetensors")
+        hf = {k.removeprefix("bert."): v for k, v in load_file(file).items()}  # BertFor*: "bert." before each name
+
+        def take(*names):  # transformers' weights under these names, stacked (q, k and v into one matrix)
+            missing = [n for n in names if n not in hf]
+            if missing:
+                raise ValueError(f"{file}: no weight {missing[0]} (not a BertModel checkpoint?)")
+            return torch.cat([hf[n] for n in names])
+        e = "embeddings."
+        weights = {"word.weight": take(e + "word_embeddings.weight"), "position.weight": take(
+            e + "position_embeddings.weight"), "token_type.weight": take(e + "token_type_embeddings.weight"),
+            "norm.weight": take(e + "LayerNorm.weight"), "norm.bias": take(e + "LayerNorm.bias")}
+        for i, p in itertools.product(range(config.num_hidden_layers), ("weight", "bias")):
+            for ours, theirs in self.NAMES.items():
+                weights[f"layers.{i}.{ours}.{p}"] = take(*(f"encoder.layer.{i}.{n}.{p}" for n in theirs))
+        self.load_state_dict(weights)  # strict: a missing or misshapen weight is an error
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        """(B, L) token ids and padding mask -> .last_hidden_state (B, L, hidden), as transformers returns it."""
+        (batch, length), heads = input_ids.shape, self.config.num_attention_heads
+        types = self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids)
+        x = self.norm(self.word(input_ids) + self.position.weight[:length] + types)
+        attend = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): every query sees the real tokens
+        for layer in self.layers:
+            q, k, v = linear(layer.qkv, x, onednn=self.onednn).view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(x.shape)
+            x = layer.norm1(x + linear(layer.out, a, onednn=self.onednn))
+            h = linear(layer.up, x, gelu=True, onednn=self.onednn)
+            x = layer.norm2(x + linear(layer.down, h, onednn=self.onednn))
+        return SimpleNamespace(last_hidden_state=x)
 
 
 def for_inference(path, device, dtype, **overrides):
-    """A BiEncoder to embed with (encode.py, mine.py, evaluate.py): weights in dtype (no float32 master copy to
-    keep; faster than autocast re-casting them every forward), eval mode, and on CPU every nn.Linear through
-    `fused_linear`, with BERT's exact GELU folded into the layer before it: 19% off MiniLM's linear layers here,
-    where each pass over a (tokens, 1536) output costs as much as the matmul's bias copy (README, speed)."""
-    model = BiEncoder(path, **overrides).to(device, DTYPES[dtype]).eval()
+    """A BiEncoder to embed with (encode.py, mine.py, evaluate.py): a `Bert` where the checkpoint is one (else
+    transformers' model), weights in dtype (no float32 master copy to keep; faster than autocast re-casting them
+    every forward), eval mode, and on an x86 CPU with oneDNN the fused linears: 19% off MiniLM's linear layers
+    here (README, speed)."""
+    model = BiEncoder(path, inference=True, **overrides).to(device, DTYPES[dtype]).eval()
     x86_onednn = (device.type == "cpu" and platform.machine() in ("x86_64", "AMD64")
                   and torch.backends.mkldnn.is_available())
-    if not (x86_onednn and (dtype == "fp32" or dtype == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported())):
-        return model
-    for encoder in filter(None, (model.encoder, model.query_encoder)):
-        exact_gelu = getattr(encoder.config, "hidden_act", None) == "gelu"  # transformers' "gelu" is the erf one
-        for parent, name, linear in children_of_type(encoder, nn.Linear):
-            # BERT's MLP: `dense`, then `intermediate_act_fn`
-            gelu = exact_gelu and name == "dense" and hasattr(parent, "intermediate_act_fn")
-            if gelu:
-                parent.intermediate_act_fn = nn.Identity()
-            linear.forward = partial(fused_linear, linear, "gelu" if gelu else "none")
+    for encoder in filter(lambda e: isinstance(e, Bert), (model.encoder, model.query_encoder)):
+        encoder.onednn = x86_onednn and (dtype == "fp32" or dtype == "bf16"
+                                         and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return model
 
 
 class BiEncoder(nn.Module):
-    def __init__(self, path, separate=False, attention_dropout=None, **overrides):
+    def __init__(self, path, separate=False, attention_dropout=None, inference=False, **overrides):
         super().__init__()
         if not os.path.isdir(path):
             raise ValueError(f"--model {path}: not a folder (nothing is downloaded; give a local Hugging Face folder)")
@@ -198,11 +251,11 @@ class BiEncoder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:  # decoder models (last-token pooling) often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.encoder = load_encoder(path, attention_dropout)
+        self.encoder = load_encoder(path, attention_dropout, inference)
         # Separate towers: queries get their own copy of the transformer (saved under query_tower/).
         qpath = os.path.join(path, "query_tower")
         self.separate = separate or os.path.isdir(qpath)
-        self.query_encoder = (load_encoder(qpath if os.path.isdir(qpath) else path, attention_dropout)
+        self.query_encoder = (load_encoder(qpath if os.path.isdir(qpath) else path, attention_dropout, inference)
                               if self.separate else None)
 
     @property

@@ -2,6 +2,7 @@
 sentence-transformers parity, bad input, and the README's commands."""
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -80,30 +81,36 @@ def test_pooling_variants(tiny_model):
         BiEncoder(tiny_model, pooling="max")
 
 
-def test_inference_model_fuses_linears_and_gives_the_same_vectors():
-    """for_inference (encode, mine, evaluate) on CPU: every linear runs through fused_linear, BERT's GELU inside the
-    layer before it; the real MiniLM's vectors equal the plain model's (fp32) and stay close in bf16; with
-    gradients on, the fused layers fall back to F.linear (oneDNN's op has no backward)."""
-    from model import fused_linear, for_inference
+def test_inference_bert_gives_transformers_vectors_and_gradients(tmp_path):
+    """for_inference (encode, mine, evaluate) builds our `Bert` for a BERT checkpoint: the real MiniLM's vectors
+    equal transformers' BertModel's in fp32, with the fused oneDNN linears and without, and stay close in bf16;
+    its gradients equal transformers' too (with gradients on the fused path is the plain one). A checkpoint it
+    cannot load (here: another activation) keeps transformers' model."""
+    from model import Bert, for_inference
     texts = [data.load_dataset(SCIFACT, "test")[0][d] for d in ("4983", "5836")] + ["short text"]
     plain = BiEncoder(default_model()).eval()
-    batch = plain.tokenize(texts, "doc")
-    fused = for_inference(default_model(), torch.device("cpu"), "fp32")
-    layer = fused.encoder.encoder.layer[0]
-    assert isinstance(layer.intermediate.intermediate_act_fn, torch.nn.Identity)
-    assert layer.intermediate.dense.forward.func is fused_linear and layer.intermediate.dense.forward.args[1] == "gelu"
-    assert layer.attention.self.query.forward.args[1] == "none"
+    batch = plain.tokenize(texts, "doc")  # padded: the short text is masked in attention and pooling
+    ours = for_inference(default_model(), torch.device("cpu"), "fp32")
+    assert isinstance(ours.encoder, Bert) and ours.encoder.onednn == (platform.machine() == "x86_64")
     with torch.no_grad():
-        want, got = plain(batch, "doc"), fused(batch, "doc")
+        want, fused = plain(batch, "doc"), ours(batch, "doc")
         bf16 = for_inference(default_model(), torch.device("cpu"), "bf16")(batch, "doc")
-    assert (got - want).abs().max() < 1e-5
+        ours.encoder.onednn = False
+        unfused = ours(batch, "doc")
+    assert (fused - want).abs().max() < 1e-5 and (unfused - want).abs().max() < 1e-5
     assert (bf16 * want).sum(1).min() > 0.999
-    grads = []
-    for m in (plain, fused):
-        m.zero_grad()
+    ours.encoder.onednn = True
+    for m in (plain, ours):
         m(batch, "doc").sum().backward()
-        grads.append(m.encoder.encoder.layer[0].intermediate.dense.weight.grad)
-    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    theirs, mine_ = plain.encoder.encoder.layer[0], ours.encoder.layers[0]
+    assert torch.allclose(mine_.up.weight.grad, theirs.intermediate.dense.weight.grad, atol=1e-5)
+    assert torch.allclose(mine_.qkv.weight.grad[384:768], theirs.attention.self.key.weight.grad, atol=1e-5)
+    other = make_tiny_bert(tmp_path / "gelu_new")
+    with open(os.path.join(other, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump({**config, "hidden_act": "gelu_new"}, f)
+    assert not isinstance(for_inference(other, torch.device("cpu"), "fp32").encoder, Bert)
 
 
 def test_minilm_settings_come_from_its_sentence_transformers_files():

@@ -196,10 +196,11 @@ def test_cpu_hidden_dropout_drops_rate_p_and_rescales(tiny_model):
 
 def test_cpu_dropout_attention_is_what_training_runs(tiny_model, monkeypatch):
     """Training on CPU with attention dropout takes model.attention's own path; eval falls back to SDPA."""
-    import model
+    from transformers.integrations import sdpa_attention
     calls = []
-    sdpa = model.sdpa_attention_forward
-    monkeypatch.setattr(model, "sdpa_attention_forward", lambda *a, **kw: calls.append(kw["dropout"]) or sdpa(*a, **kw))
+    sdpa = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **kw: calls.append(kw["dropout"])
+                        or sdpa(*a, **kw))
     enc = train.BiEncoder(tiny_model)
     batch = enc.tokenize(["a short query", "and a longer query with more words"], "query")
     enc.train()
