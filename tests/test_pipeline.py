@@ -102,9 +102,9 @@ def test_inference_bert_gives_transformers_vectors_and_gradients(tmp_path):
     ours.encoder.onednn = True
     for m in (plain, ours):
         m(batch, "doc").sum().backward()
-    theirs, mine_ = plain.encoder.encoder.layer[0], ours.encoder.layers[0]
-    assert torch.allclose(mine_.up.weight.grad, theirs.intermediate.dense.weight.grad, atol=1e-5)
-    assert torch.allclose(mine_.qkv.weight.grad[384:768], theirs.attention.self.key.weight.grad, atol=1e-5)
+    hf_layer, our_layer = plain.encoder.encoder.layer[0], ours.encoder.layers[0]
+    assert torch.allclose(our_layer.up.weight.grad, hf_layer.intermediate.dense.weight.grad, atol=1e-5)
+    assert torch.allclose(our_layer.qkv.weight.grad[384:768], hf_layer.attention.self.key.weight.grad, atol=1e-5)
     other = make_tiny_bert(tmp_path / "gelu_new")
     with open(os.path.join(other, "config.json")) as f:
         config = json.load(f)
