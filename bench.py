@@ -10,6 +10,7 @@ Every measurement runs in a fresh child process (so peak memory is its own: peak
 torch.cuda.max_memory_allocated on CUDA), ours and the baseline alternate, --reps repetitions, medians reported.
 """
 import argparse
+import functools
 import json
 import os
 import resource
@@ -20,6 +21,7 @@ import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # shared helpers: the real-data train file and subset
+import data  # noqa: E402
 from model import default_model  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,8 +96,6 @@ def child(spec):
             from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
         except ImportError:  # sentence-transformers < 6
             from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
-
-        import data
         from model import autocast
         t0 = time.perf_counter()
         examples = data.read_train_jsonl(spec["train_data"])
@@ -126,14 +126,11 @@ def child(spec):
                "q_per_s": B / statistics.median(times[1:] or times)}  # the first step warms up
     elif spec["kind"] == "st_encode":
         from sentence_transformers import SentenceTransformer
-
-        import data
         corpus, queries, _ = data.load_dataset(spec["dataset"], "test")
         model = SentenceTransformer(default_model(), device=str(device))
         model.encode(list(corpus.values()))  # its defaults (batch 32, fp32), as a user calls it
         model.encode(list(queries.values()))
     elif spec["kind"] == "encode_rate":  # docs/s inside one process, after a warm-up: ours or ST, bf16 weights
-        import data
         docs = [r["pos"][0] for r in data.read_train_jsonl(spec["train_data"])]
         if spec["impl"] == "ours":
             from encode import encode_texts
@@ -237,15 +234,19 @@ def bench_encode(args, cuda):
         for dtype in ours:
             ours[dtype].append(command(ours_cmd(dtype))[0])
         base.append(measure({"kind": "st_encode", "dataset": folder, "device": args.device})["wall"])
+    corpus, queries, _ = data.load_dataset(folder, "test")
+    model_flops = flops(default_model(), token_lengths(list(corpus.values()) + list(queries.values()), 256), False)
     ndcg = {}
     for dtype in ours:
         _, out = command([sys.executable, "evaluate.py", "--emb", os.path.join(tmp, dtype), "--dataset", folder,
                           "--split", "test", "--out", os.path.join(tmp, "eval_" + dtype)])
         with open(os.path.join(tmp, "eval_" + dtype, "metrics.json")) as f:
             ndcg[dtype] = json.load(f)["ndcg@10"]
+    base = statistics.median(base)
     for dtype, times in ours.items():
-        emit(what="encode", ours=statistics.median(times), baseline=statistics.median(base), unit="s whole process",
-             ratio=statistics.median(base) / statistics.median(times), dtype=dtype, baseline_dtype="fp32",
+        t = statistics.median(times)
+        emit(what="encode", ours=t, baseline=base, unit="s whole process", ratio=base / t, dtype=dtype,
+             baseline_dtype="fp32", ours_mfu=mfu(model_flops / t), baseline_mfu=mfu(model_flops / base),
              texts="500 docs + 60 queries", ndcg10_ours=ndcg[dtype], ndcg10_fp32=ndcg["fp32"], reps=args.reps)
 
 
@@ -271,9 +272,14 @@ def bench_train(args, cuda):
                                     "batch": batch, "chunk": chunk, "steps": steps, "max_len": max_len, "temp": 0.05,
                                     "dtype": args.dtype, "weights": w, "device": args.device,
                                     "attention_dropout": args.attention_dropout})["wall"])
+    rows = data.read_train_jsonl(train_data)
+    model_flops = flops(default_model(), token_lengths([r["query"] for r in rows], 32), True) + flops(
+        default_model(), token_lengths([r[k][0] for r in rows for k in ("pos", "neg")], max_len), True)
+    ours = statistics.median(ours)
     for w, times in base.items():
-        emit(what="train", ours=statistics.median(ours), baseline=statistics.median(times), unit="s whole process",
-             ratio=statistics.median(times) / statistics.median(ours), batch=batch, group=2, chunk=chunk,
+        t = statistics.median(times)
+        emit(what="train", ours=ours, baseline=t, unit="s whole process", ratio=t / ours,
+             ours_mfu=mfu(model_flops / ours), baseline_mfu=mfu(model_flops / t), batch=batch, group=2, chunk=chunk,
              steps=steps, max_len=max_len, dtype=args.dtype, baseline_weights=w, reps=args.reps,
              attention_dropout=args.attention_dropout)
 
@@ -311,7 +317,6 @@ def synthetic_train_file(path, n, q_words, d_words):
     (a pair (lo, hi) draws each length uniformly)."""
     import random
 
-    import data
     from transformers import AutoTokenizer
     vocab = sorted(w for w in AutoTokenizer.from_pretrained(default_model()).vocab if w.isascii() and w.isalpha())
     rng = random.Random(0)
@@ -331,8 +336,31 @@ def flops(folder, lengths, train):
     return 3 * f if train else f
 
 
-def mfu(flops_per_s):
+def token_lengths(texts, max_len):
+    """Tokens per text (with [CLS] and [SEP]) under MiniLM's tokenizer, the vocabulary of every model benched."""
+    from transformers import AutoTokenizer
+    return [min(len(ids), max_len) for ids in AutoTokenizer.from_pretrained(default_model())(texts)["input_ids"]]
+
+
+@functools.cache
+def peak_flops():
+    """The bf16 FLOP/s MFU divides by: an H100's or H200's tensor-core peak; on a CPU, measured here as the best of
+    five 2048^3 bf16 matmuls (a shared VM's clock and core count make a vendor figure meaningless)."""
+    import torch
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name()), None)
+    if peak is None and not torch.cuda.is_available():
+        a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+        times = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - t0)
+        peak = 2 * 2048 ** 3 / min(times[1:])
+    return peak
+
+
+def mfu(flops_per_s):
+    peak = peak_flops()
     return None if peak is None else round(flops_per_s / peak, 4)
 
 
@@ -381,15 +409,11 @@ def bench_encode_gpu(args):
     """docs/s inside the process (after a warm-up), bf16 weights on both sides, batch 512, synthetic documents of
     100-256 tokens (~180 on average)."""
     import tempfile
-
-    from transformers import AutoTokenizer
     tmp = tempfile.mkdtemp()
     g = GPU
     docs_file = synthetic_train_file(os.path.join(tmp, "docs.jsonl"), g["docs"], 2, (98, 254))
-    tok = AutoTokenizer.from_pretrained(default_model())
     with open(docs_file) as f:
-        docs = [json.loads(line)["pos"][0] for line in f]
-    lengths = [min(len(ids), g["d_len"]) for ids in tok(docs)["input_ids"]]
+        lengths = token_lengths([json.loads(line)["pos"][0] for line in f], g["d_len"])
     for name, folder in random_berts(tmp).items():
         flops_doc = flops(folder, lengths, train=False) / len(lengths)
         res = {"ours": [], "st": []}
