@@ -273,8 +273,9 @@ def bench_train(args, cuda):
                                     "dtype": args.dtype, "weights": w, "device": args.device,
                                     "attention_dropout": args.attention_dropout})["wall"])
     rows = data.read_train_jsonl(train_data)
-    model_flops = flops(default_model(), token_lengths([r["query"] for r in rows], 32), True) + flops(
-        default_model(), token_lengths([r[k][0] for r in rows for k in ("pos", "neg")], max_len), True)
+    lengths = token_lengths([r["query"] for r in rows], 32) + token_lengths([r[k][0] for r in rows
+                                                                             for k in ("pos", "neg")], max_len)
+    model_flops = flops(default_model(), lengths, True)
     ours = statistics.median(ours)
     for w, times in base.items():
         t = statistics.median(times)
@@ -297,18 +298,24 @@ GPU = dict(batch=1024, chunk=128, steps=6, q_len=32, d_len=256, docs=16384, enco
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s (SXM), for MFU
 
 
+@functools.cache
+def minilm_tokenizer():
+    """MiniLM's tokenizer (bert-base's 30522-word vocabulary), that of every model benched, loaded once."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(default_model())
+
+
 def random_berts(folder):
     """bert-base-sized (768 wide, 12 layers, 110M parameters) and MiniLM-L6-sized (384 wide, 6 layers) encoders
     with random weights (speed does not depend on them) and MiniLM's tokenizer (the 30522-word vocabulary of
     bert-base), as Hugging Face folders."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertConfig, BertModel
     torch.manual_seed(0)
     shapes = {"bert-base": {}, "MiniLM-L6": dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1536)}
-    tokenizer = AutoTokenizer.from_pretrained(default_model())
     for name, shape in shapes.items():
         BertModel(BertConfig(**shape)).save_pretrained(os.path.join(folder, name))
-        tokenizer.save_pretrained(os.path.join(folder, name))
+        minilm_tokenizer().save_pretrained(os.path.join(folder, name))
     return {name: os.path.join(folder, name) for name in shapes}
 
 
@@ -316,9 +323,7 @@ def synthetic_train_file(path, n, q_words, d_words):
     """n rows of random vocabulary words, one token each: queries of q_words, positives and negatives of d_words
     (a pair (lo, hi) draws each length uniformly)."""
     import random
-
-    from transformers import AutoTokenizer
-    vocab = sorted(w for w in AutoTokenizer.from_pretrained(default_model()).vocab if w.isascii() and w.isalpha())
+    vocab = sorted(w for w in minilm_tokenizer().vocab if w.isascii() and w.isalpha())
     rng = random.Random(0)
     text = lambda k: " ".join(rng.choices(vocab, k=k if isinstance(k, int) else rng.randint(*k)))
     data.write_jsonl(path, [{"query": text(q_words), "pos": [text(d_words)], "neg": [text(d_words)]}
@@ -337,9 +342,8 @@ def flops(folder, lengths, train):
 
 
 def token_lengths(texts, max_len):
-    """Tokens per text (with [CLS] and [SEP]) under MiniLM's tokenizer, the vocabulary of every model benched."""
-    from transformers import AutoTokenizer
-    return [min(len(ids), max_len) for ids in AutoTokenizer.from_pretrained(default_model())(texts)["input_ids"]]
+    """Tokens per text (with [CLS] and [SEP]) under MiniLM's tokenizer."""
+    return [min(len(ids), max_len) for ids in minilm_tokenizer()(texts)["input_ids"]]
 
 
 @functools.cache

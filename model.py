@@ -231,11 +231,12 @@ def for_inference(path, device, dtype, **overrides):
     every forward), eval mode, and on an x86 CPU with oneDNN the fused linears: 19% off MiniLM's linear layers
     here (README, speed)."""
     model = BiEncoder(path, inference=True, **overrides).to(device, DTYPES[dtype]).eval()
-    x86_onednn = (device.type == "cpu" and platform.machine() in ("x86_64", "AMD64")
-                  and torch.backends.mkldnn.is_available())
-    for encoder in filter(lambda e: isinstance(e, Bert), (model.encoder, model.query_encoder)):
-        encoder.onednn = x86_onednn and (dtype == "fp32" or dtype == "bf16"
-                                         and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    onednn = (device.type == "cpu" and platform.machine() in ("x86_64", "AMD64")
+              and torch.backends.mkldnn.is_available()
+              and (dtype == "fp32" or dtype == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    for encoder in (model.encoder, model.query_encoder):
+        if isinstance(encoder, Bert):
+            encoder.onednn = onednn
     return model
 
 
