@@ -1,4 +1,4 @@
-"""Readers and writers of the files passed between stages, and train-group sampling.
+"""What the stages read and write: datasets, train data, atomic files, the flags they share, bad-input errors.
 
 Datasets come from an ir_datasets id (`beir/scifact/test`) or a BEIR folder plus a split
 (`../shared/data/scifact` + `test`); both give the same dicts:
@@ -9,19 +9,48 @@ Datasets come from an ir_datasets id (`beir/scifact/test`) or a BEIR folder plus
 Train data is FlagEmbedding's jsonl, one query a line:
     {"query": str, "pos": [str], "neg": [str], "qid"?, "pos_ids"?, "neg_ids"?, "pos_scores"?, "neg_scores"?, "prompt"?}
 
-Bad input raises InputError, a ValueError that names the file and line; scripts print it as one line, no
-traceback (see the excepthook at the bottom).
+Bad input raises InputError, naming the file and line (or the flag, or the id) and what would be right. Each
+script's entry point catches InputError alone and prints it as one line; anything else is a bug and keeps its
+traceback.
 """
+import argparse
 import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 
-class InputError(ValueError):
-    """Bad user input (file, line, id). Printed as one line by the scripts, no traceback."""
+class InputError(Exception):
+    """A user's mistake (a flag, a file, a line, an id): printed as one line `error: ...`, exit status 1."""
+
+
+# ---------------------------------------------------------------------------------------------- shared flags
+
+COMMON = {  # flags several stages take, declared once; each stage picks its own and their defaults
+    "model": dict(help="Hugging Face folder or checkpoint out_dir/model (default: the bundled all-MiniLM-L6-v2)"),
+    "dataset": dict(help="ir_datasets id (e.g. beir/scifact/test) or a BEIR folder (with --split)"),
+    "split": dict(help="split of a BEIR folder (train, dev, test)"),
+    "queries": dict(help="file of query ids, one a line: only these (e.g. a dev part carved from train)"),
+    "batch_size": dict(type=int, help="texts per forward pass when encoding (default 32 on CPU, 256 on GPU)"),
+    "dtype": dict(choices=["fp32", "bf16", "fp16"], help="precision (default: bf16 on GPU, fp32 on CPU)"),
+    "device": dict(help="auto (cuda if present), cpu, cuda or cuda:N"),
+    "seed": dict(type=int, help="seed of everything random"),
+    "out": dict(help="output path"),
+}
+
+
+def parser(doc, **defaults):
+    """A stage's argument parser with the shared flags named in defaults (flag=default). A wrong flag ends the
+    script with one line `error: ...` and exit status 1, like every other user mistake."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in defaults.items():
+        p.add_argument(f"--{name}", default=default, required=default is ..., **COMMON[name])
+    p.error = lambda message: sys.exit(f"error: {message}")
+    return p
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -34,7 +63,7 @@ def atomic_write(path, write_fn, mode="w"):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -46,7 +75,7 @@ def atomic_write(path, write_fn, mode="w"):
 
 
 def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
 def write_jsonl(path, rows):
@@ -57,17 +86,21 @@ def read_jsonl(path):
     """Yield (line number, dict) for each non-empty line; a malformed line raises InputError naming it."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            yield n, row
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark at the start is skipped
+        n = 0
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                yield n, row
+        except UnicodeDecodeError:
+            raise InputError(f"{path}:{n + 1}: not UTF-8 text") from None
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -98,7 +131,7 @@ def read_ids(path, known):
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
     ids = set()
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if line.strip() and line.strip() not in known:
                 raise InputError(f"{path}:{n}: query id {line.strip()!r} is not in the dataset's qrels")
@@ -134,7 +167,7 @@ def read_qrels(path):
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
     qrels = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             cols = line.split()
             if not cols or (n == 1 and cols[0] == "query-id"):
@@ -149,19 +182,32 @@ def read_qrels(path):
     return qrels
 
 
+# ir_datasets downloads a BEIR set into $IR_DATASETS_HOME (default ~/.ir_datasets) as beir/<name>/source.zip.
+# Where the project's data mirror sits beside the checkout (offline machines, CI), its zip is copied there instead.
+MIRROR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "ir_datasets")
+
+
 def _load_ir_datasets(dataset_id):
+    home = os.environ.get("IR_DATASETS_HOME") or os.path.expanduser("~/.ir_datasets")
+    zip_path = os.path.join(*dataset_id.split("/")[:2], "source.zip")
+    if os.path.isfile(os.path.join(MIRROR, zip_path)) and not os.path.isfile(os.path.join(home, zip_path)):
+        with open(os.path.join(MIRROR, zip_path), "rb") as src:
+            atomic_write(os.path.join(home, zip_path), lambda f: shutil.copyfileobj(src, f), mode="wb")
     import ir_datasets
     try:
         ds = ir_datasets.load(dataset_id)
     except KeyError:
         raise InputError(f"{dataset_id!r} is neither a folder nor a dataset id that ir_datasets knows "
                          f"(e.g. beir/scifact/test)") from None
-    corpus = {d.doc_id: _doc_text(getattr(d, "title", ""), d.text) for d in ds.docs_iter()}
-    queries = {q.query_id: q.text.strip() for q in ds.queries_iter()}
-    qrels = {}
-    if ds.has_qrels():
-        for r in ds.qrels_iter():
+    try:
+        corpus = {d.doc_id: _doc_text(getattr(d, "title", ""), d.text) for d in ds.docs_iter()}
+        queries = {q.query_id: q.text.strip() for q in ds.queries_iter()}
+        qrels = {}
+        for r in (ds.qrels_iter() if ds.has_qrels() else []):
             qrels.setdefault(r.query_id, {})[r.doc_id] = int(r.relevance)
+    except OSError as e:  # requests' ConnectionError among them
+        raise InputError(f"ir_datasets could not get {dataset_id} ({type(e).__name__}): check the network, or put "
+                         f"its files in {home}, or give a BEIR folder with --split") from None
     return corpus, queries, qrels
 
 
@@ -221,9 +267,7 @@ def sample_group(ex, group_size, seed, epoch, index):
     alone, so a run is reproducible and a resumed run draws the same groups. Returns indices into ex["pos"]
     and ex["neg"]; negatives repeat when there are too few."""
     rng = random.Random(f"{seed}/{epoch}/{index}")
-    pos = rng.randrange(len(ex["pos"]))
-    k = group_size - 1
-    negs = ex["neg"]
+    pos, k, negs = rng.randrange(len(ex["pos"])), group_size - 1, ex["neg"]
     if k == 0:
         return pos, []
     if not negs:
@@ -241,15 +285,15 @@ def epoch_order(n, seed, epoch):
     return order
 
 
-# ---------------------------------------------------------------------------------------------- errors
-
-def _excepthook(kind, value, tb):
-    """Bad user input (ValueError, InputError among them, per DESIGN.md) is the user's to fix, not a bug of ours:
-    one line, no traceback, exit status 1."""
-    if issubclass(kind, ValueError):
-        print(f"error: {value}", file=sys.stderr)
-    else:
-        sys.__excepthook__(kind, value, tb)
+_DONE = object()
 
 
-sys.excepthook = _excepthook
+def background(items):
+    """Iterate over items, the next one made in a background thread while the caller works on this one: the
+    tokenizer releases Python's lock, so tokenising and padding overlap the device's work."""
+    it = iter(items)
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(next, it, _DONE)
+        while (item := ahead.result()) is not _DONE:
+            ahead = pool.submit(next, it, _DONE)
+            yield item

@@ -21,19 +21,27 @@ query in the batch) is not a negative of i. With d_keys (N,) (integer keys of th
 their ids) and q_pos_keys (B, P) (keys of each query's positives, padded with -1), such documents leave query
 i's denominator; its own target stays.
 """
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def false_negative_mask(d_keys, q_pos_keys, targets, cols=None):
-    """(B, C) bool, True where document j is a positive of query i but not its target. Keys are non-negative
-    (-1 pads q_pos_keys). cols: the global column index of each document when d_keys is a tile of the documents."""
-    cols = torch.arange(d_keys.shape[0], device=d_keys.device) if cols is None else cols
-    is_pos = torch.zeros(q_pos_keys.shape[0], d_keys.shape[0], dtype=torch.bool, device=d_keys.device)
-    for k in q_pos_keys.T:  # one (B, C) comparison per positive slot: never a (B, C, P) tensor
-        is_pos |= d_keys[None, :] == k[:, None]
-    return is_pos & (cols[None, :] != targets[:, None])
+def false_negatives(d_keys, q_pos_keys, targets):
+    """(rows, cols) of the entries where document j is a positive of query i but not its target. Keys are
+    non-negative (-1 pads q_pos_keys). The document keys are sorted once and each positive key is looked up in
+    them (binary search), so this never compares all B x N pairs."""
+    order = torch.argsort(d_keys)
+    keys = d_keys[order]
+    first = torch.searchsorted(keys, q_pos_keys)  # (B, P): where each positive key's run of equal keys starts
+    count = torch.searchsorted(keys, q_pos_keys, right=True) - first
+    count = torch.where(q_pos_keys < 0, 0, count).flatten()  # padding matches nothing
+    rows = torch.arange(q_pos_keys.numel(), device=d_keys.device).repeat_interleave(count) // q_pos_keys.shape[1]
+    run_start = (torch.cumsum(count, 0) - count).repeat_interleave(count)  # each match's offset within its run
+    cols = order[first.flatten().repeat_interleave(count) + torch.arange(len(rows), device=d_keys.device) - run_start]
+    keep = cols != targets[rows]
+    return rows[keep], cols[keep]
 
 
 def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None):
@@ -45,7 +53,7 @@ def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None):
         scores = q.to(dtype) @ d.to(dtype).T / temp  # (B, N)
         targets = (offset + torch.arange(q.shape[0], device=q.device)) * group_size  # (B,)
         if d_keys is not None:
-            scores = scores.masked_fill(false_negative_mask(d_keys, q_pos_keys, targets), float("-inf"))
+            scores = scores.index_put(false_negatives(d_keys, q_pos_keys, targets), scores.new_tensor(float("-inf")))
         return F.cross_entropy(scores, targets)
 
 
@@ -85,86 +93,90 @@ def accuracy(q, d, group_size, offset=0, rows=1024):
 #             recomputed per tile; dq += P @ d_tile, dd_tile += P.T @ q_rows (two matmuls a tile); the one-hot
 #             target term is subtracted once, outside the loop.
 # Peak extra memory: one tile, instead of the (B, N) logits, their softmax and their gradient.
+# The matmuls run in the inputs' precision (bf16 tensor cores on a GPU) with float32 results where PyTorch offers
+# that (CUDA), else on float32 copies; the elementwise work of a tile (scale, mask, exp, logsumexp) is one
+# compiled function, so it reads the tile once.
 
-def _tile_logits(q, d, inv_temp):
-    """(r, D) x (c, D) -> (r, c) logits, accumulated and returned in float32 (float64 stays float64)."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(q, d.T, out_dtype=torch.float32) * inv_temp  # bf16 tensor cores, fp32 output
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    return (q.to(dtype) @ d.to(dtype).T) * inv_temp
-
-
-def _masked_tile(q, d, inv_temp, d_keys, q_pos_keys, targets, cols):
-    s = _tile_logits(q, d, inv_temp)
-    if d_keys is not None:
-        s = s.masked_fill(false_negative_mask(d_keys, q_pos_keys, targets, cols), float("-inf"))
-    return s
+@functools.cache
+def _mm_float32_out(device_type):
+    """Whether this build multiplies half-precision matrices into a float32 result (torch.mm(out_dtype=...))."""
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (NotImplementedError, RuntimeError, TypeError):
+        return False
 
 
-def _tile_lse(q, d, inv_temp, d_keys, q_pos_keys, targets, cols):
-    return torch.logsumexp(_masked_tile(q, d, inv_temp, d_keys, q_pos_keys, targets, cols), dim=1)  # (r,)
+def _mm(a, b):
+    """a @ b in at least float32, fast for half-precision inputs where the device allows."""
+    if a.dtype in (torch.bfloat16, torch.float16) and _mm_float32_out(a.device.type):
+        return torch.mm(a, b.to(a.dtype), out_dtype=torch.float32)
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dtype) @ b.to(dtype)
 
 
-def _tile_grads(q, d, inv_temp, lse, g, d_keys, q_pos_keys, targets, cols):
-    """Gradient of sum_i g_i * lse_i with respect to the tile's q rows and d columns."""
-    p = torch.exp(_masked_tile(q, d, inv_temp, d_keys, q_pos_keys, targets, cols) - lse[:, None])  # softmax (r, c)
-    p = p * (g[:, None] * inv_temp)
-    return p @ d.to(p.dtype), p.T @ q.to(p.dtype)  # (r, D), (c, D)
+def _tile_lse(s, inv_temp, mask):
+    """(r, c) raw scores -> (r,) logsumexp of the masked logits."""
+    s = s * inv_temp
+    return torch.logsumexp(s if mask is None else s.masked_fill(mask, float("-inf")), dim=1)
 
 
-_compiled = {}
+def _tile_softmax(s, inv_temp, mask, lse, g):
+    """(r, c) raw scores -> g_i * softmax_ij / τ, the gradient of sum_i g_i * lse_i with respect to s_ij."""
+    p = torch.exp(s * inv_temp - lse[:, None]) * (g[:, None] * inv_temp)
+    return p if mask is None else p.masked_fill(mask, 0.0)
 
 
+@functools.cache
 def _kernels(compile):
-    """The per-tile functions, compiled with torch.compile when asked (on CUDA the scale, exp, mask and
-    subtraction then fuse around the matmuls); eager otherwise."""
+    """The per-tile elementwise functions, compiled by torch.compile (dynamic shapes: tiles at the edges and
+    batches of other sizes reuse one compilation) or eager."""
     if not compile:
-        return _tile_lse, _tile_grads
-    if not _compiled:
-        _compiled["lse"] = torch.compile(_tile_lse, dynamic=True)
-        _compiled["grads"] = torch.compile(_tile_grads, dynamic=True)
-    return _compiled["lse"], _compiled["grads"]
+        return _tile_lse, _tile_softmax
+    return torch.compile(_tile_lse, dynamic=True), torch.compile(_tile_softmax, dynamic=True)
+
+
+def _tiles(B, N, tile, pairs, device):
+    """(row slice, column slice, (r, c) false-negative mask or None) for each tile of the (B, N) logits."""
+    for r in range(0, B, tile[0]):
+        for c in range(0, N, tile[1]):
+            rows, cols = slice(r, min(r + tile[0], B)), slice(c, min(c + tile[1], N))
+            mask = None
+            if pairs is not None:  # the false-negative entries that fall inside this tile
+                inside = (pairs[0] >= r) & (pairs[0] < rows.stop) & (pairs[1] >= c) & (pairs[1] < cols.stop)
+                mask = torch.zeros(rows.stop - r, cols.stop - c, dtype=torch.bool, device=device)
+                mask[pairs[0][inside] - r, pairs[1][inside] - c] = True
+            yield rows, cols, mask
 
 
 class _FusedInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, d, temp, group_size, offset, d_keys, q_pos_keys, tile, compile):
         B, N = q.shape[0], d.shape[0]
-        rows, cols_per_tile = tile
-        tile_lse, _ = _kernels(compile)
         targets = (offset + torch.arange(B, device=q.device)) * group_size  # (B,)
+        pairs = None if d_keys is None else false_negatives(d_keys, q_pos_keys, targets)  # once a step
+        tile_lse, _ = _kernels(compile)
         dtype = torch.promote_types(q.dtype, torch.float32)
         lse = torch.full((B,), float("-inf"), dtype=dtype, device=q.device)
-        for r in range(0, B, rows):
-            for c in range(0, N, cols_per_tile):
-                cols = torch.arange(c, min(c + cols_per_tile, N), device=q.device)
-                lse[r:r + rows] = torch.logaddexp(lse[r:r + rows], tile_lse(
-                    q[r:r + rows], d[c:c + cols_per_tile], 1.0 / temp,
-                    None if d_keys is None else d_keys[c:c + cols_per_tile],
-                    None if q_pos_keys is None else q_pos_keys[r:r + rows], targets[r:r + rows], cols))
+        for rows, cols, mask in _tiles(B, N, tile, pairs, q.device):
+            lse[rows] = torch.logaddexp(lse[rows], tile_lse(_mm(q[rows], d[cols].T), 1.0 / temp, mask))
         target_logit = (q.to(dtype) * d[targets].to(dtype)).sum(-1) / temp  # (B,)
-        ctx.save_for_backward(q, d, lse, targets, d_keys, q_pos_keys)
+        ctx.save_for_backward(q, d, lse, targets, *(pairs or ()))
         ctx.temp, ctx.tile, ctx.compile = temp, tile, compile
         return (lse - target_logit).mean()
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, d, lse, targets, d_keys, q_pos_keys = ctx.saved_tensors
+        q, d, lse, targets, *pairs = ctx.saved_tensors
         B, N = q.shape[0], d.shape[0]
-        rows, cols_per_tile = ctx.tile
-        _, tile_grads = _kernels(ctx.compile)
+        _, tile_softmax = _kernels(ctx.compile)
         g = (grad_out / B).to(lse.dtype).expand(B)  # d mean / d loss_i
         dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
         dd = torch.zeros(d.shape, dtype=lse.dtype, device=d.device)
-        for r in range(0, B, rows):
-            for c in range(0, N, cols_per_tile):
-                cols = torch.arange(c, min(c + cols_per_tile, N), device=q.device)
-                dq_t, dd_t = tile_grads(q[r:r + rows], d[c:c + cols_per_tile], 1.0 / ctx.temp, lse[r:r + rows],
-                                        g[r:r + rows], None if d_keys is None else d_keys[c:c + cols_per_tile],
-                                        None if q_pos_keys is None else q_pos_keys[r:r + rows],
-                                        targets[r:r + rows], cols)
-                dq[r:r + rows] += dq_t
-                dd[c:c + cols_per_tile] += dd_t
+        for rows, cols, mask in _tiles(B, N, ctx.tile, pairs or None, q.device):
+            p = tile_softmax(_mm(q[rows], d[cols].T), 1.0 / ctx.temp, mask, lse[rows], g[rows]).to(q.dtype)
+            dq[rows] += _mm(p, d[cols])  # (r, D)
+            dd[cols] += _mm(p.T, q[rows])  # (c, D)
         # the one-hot target term: d(-s_i,target / τ)
         dq -= (g / ctx.temp)[:, None] * d[targets].to(dq.dtype)
         dd.index_add_(0, targets, -(g / ctx.temp)[:, None] * q.to(dd.dtype))

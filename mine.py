@@ -2,6 +2,7 @@
 
     python mine.py --dataset beir/scifact/train --out runs/mined.jsonl                    # ranks 10-100, 7 negatives
     python mine.py --dataset beir/scifact/train --range 10-50 --num_neg 3 --margin 0.95 --out runs/mined.jsonl
+    python mine.py --emb runs/emb_train --margin 0.9 --out runs/mined_m09.jsonl       # reuse encode.py's vectors
     torchrun --nproc_per_node 8 mine.py --dataset beir/nfcorpus/train --out runs/nf_mined.jsonl   # encode on 8 GPUs
 
 For each query: retrieve the top documents with --model (exact inner-product search), then sample --num_neg
@@ -13,26 +14,18 @@ corpus instead; a query whose window runs short is topped up the same way (count
 Deterministic for a --seed. Writes FlagEmbedding's format with ids and scores:
 {"qid", "query", "pos", "pos_ids", "pos_scores", "neg", "neg_ids", "neg_scores"}.
 """
-import argparse
-import gc
 import random
+import shutil
+import sys
 
 import numpy as np
 
 import data
-from encode import distributed, encode_texts
-from evaluate import search
-from model import default_model, for_inference, pick_device
+import retrieval
+from model import default_model, for_inference, setup
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-# data
-parser.add_argument("--model", default=None, help="Hugging Face folder or checkpoint (default: bundled "
-                                                  "all-MiniLM-L6-v2)")
-parser.add_argument("--dataset", default="beir/scifact/train", help="ir_datasets id, or a BEIR folder with --split")
-parser.add_argument("--split", default=None, help="split of a BEIR folder (usually train)")
-parser.add_argument("--queries", default=None, help="optional file of query ids (one a line) to mine for, e.g. a "
-                                                    "train part that leaves out a dev part")
-# mining
+parser = data.parser(__doc__, model=None, dataset="beir/scifact/train", split=None, queries=None, batch_size=None,
+                     dtype=None, device="auto", seed=0, out=...)
 parser.add_argument("--range", default="10-100", help="rank window to sample from, START-END (0-based, END "
                                                       "exclusive)")
 parser.add_argument("--num_neg", type=int, default=7, help="negatives a query")
@@ -43,23 +36,17 @@ parser.add_argument("--abs_margin", type=float, default=None, help="keep a negat
 parser.add_argument("--sampling", default="random", choices=["random", "top"], help="random from the window, or the "
                                                                                     "highest-ranked ones")
 parser.add_argument("--random_frac", type=float, default=0.0, help="share of negatives drawn from the whole corpus")
-# hardware
-parser.add_argument("--batch_size", type=int, default=None, help="texts per forward pass when encoding (default "
-                                                                "32 on CPU, 256 on GPU)")
-parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the encoder")
-parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
-parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-# output
-parser.add_argument("--out", required=True, help="train jsonl to write")
+parser.add_argument("--emb", default=None, help="encode.py's folder of this corpus and model: its vectors are used "
+                                                "instead of encoding the corpus again")
 
 
 def parse_range(text):
     try:
         start, end = (int(x) for x in text.split("-"))
     except ValueError:
-        raise ValueError(f"--range {text!r}: expected START-END, e.g. 10-100") from None
+        raise data.InputError(f"--range {text!r}: expected START-END, e.g. 10-100") from None
     if not 0 <= start < end:
-        raise ValueError(f"--range {text!r}: need 0 <= START < END")
+        raise data.InputError(f"--range {text!r}: need 0 <= START < END")
     return start, end
 
 
@@ -103,24 +90,35 @@ def select_negatives(window, query, pos, corpus, doc_ids, args, rng, score):
 
 def main(args):
     start, end = parse_range(args.range)
-    device = pick_device(args.device)
+    device, rank, world = setup(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     corpus, queries, qrels = data.load_dataset(args.dataset, args.split)
     if not qrels:
         raise data.InputError(f"{args.dataset}: no qrels, so no positives to mine around")
-    qids = sorted(qrels)
-    if args.queries:
-        qids = data.read_ids(args.queries, qrels)
-    model = for_inference(args.model or default_model(), device, args.dtype)
-    doc_ids = list(corpus)
-    d_emb = encode_texts(model, [corpus[i] for i in doc_ids], "doc", args.batch_size, args.dtype, device)
-    q_emb = encode_texts(model, [queries[q] for q in qids], "query", args.batch_size, args.dtype, device)
-    if distributed()[0] != 0:  # under torchrun every rank encoded a share; rank 0 searches and writes
+    qids = data.read_ids(args.queries, qrels) if args.queries else sorted(qrels)
+    model_path = args.model or default_model()
+    model = for_inference(model_path, device, dtype)
+    folder = args.emb or args.out + ".emb"  # without --emb the corpus is encoded here (each rank its shards)
+    if not args.emb:
+        meta = {"model": model_path, "dataset": args.dataset, "split": args.split, "dtype": dtype, **model.settings}
+        retrieval.encode_corpus(model, corpus, folder, meta, 1_000_000, "fp32", args.batch_size, rank, world)
+    if rank != 0:  # rank 0 searches and writes
         return []
-    row_of = {did: i for i, did in enumerate(doc_ids)}
-    sorted_ids = sorted(doc_ids)
+    docs = retrieval.Shards(folder)
+    if args.emb and (docs.meta["model"] != model_path or set(docs.ids) != set(corpus)):
+        raise data.InputError(f"--emb {args.emb}: an encoding of {docs.meta['model']} over "
+                              f"{docs.meta['dataset']}, not of {model_path} over {args.dataset}")
+    q_emb = model.encode([queries[q] for q in qids], "query", args.batch_size)
+    q_emb /= np.linalg.norm(q_emb, axis=1, keepdims=True)  # cosine, as the search scores
+    row_of = {did: i for i, did in enumerate(docs.ids)}
+
+    def cosine(qi, dids):  # of query qi with these documents, as the search scores them
+        vectors = docs.rows([row_of[d] for d in dids])
+        return vectors @ q_emb[qi] / np.linalg.norm(vectors, axis=1).clip(1e-12)
     max_pos = max(len(qrels[q]) for q in qids)
     # ask for enough: the window end plus room for positives that will be skipped inside it
-    scores, idx = search(q_emb, d_emb, end + max_pos)
+    scores, idx = retrieval.search(q_emb, docs, end + max_pos, device)
+    sorted_ids = sorted(docs.ids)
 
     rows, too_few, neg_scores = [], 0, []
     totals = {"positive": 0, "same_text": 0, "margin": 0, "random": 0, "short_window": 0, "no_positive": 0}
@@ -130,13 +128,13 @@ def main(args):
         if not pos_ids:  # only grade-0 judgements: nothing to train on
             totals["no_positive"] += 1
             continue
-        pos = {p: float(q_emb[qi] @ d_emb[row_of[p]]) for p in pos_ids}
-        # ranks count among non-positives (faiss gave end + max_pos candidates; -1 pads a short result)
-        ranked = [(doc_ids[j], float(s)) for s, j in zip(scores[qi], idx[qi]) if j >= 0]
+        pos = dict(zip(pos_ids, cosine(qi, pos_ids).tolist()))
+        # ranks count among non-positives (the search gave end + max_pos candidates; -1 pads a short result)
+        ranked = [(docs.ids[j], float(s)) for s, j in zip(scores[qi], idx[qi]) if j >= 0]
         non_pos = [(d, s) for d, s in ranked if d not in pos]
         totals["positive"] += len(ranked) - len(non_pos)
         chosen, counts = select_negatives(non_pos[start:end], queries[qid], pos, corpus, sorted_ids, args, rng,
-                                          score=lambda did: float(q_emb[qi] @ d_emb[row_of[did]]))
+                                          score=lambda did: float(cosine(qi, [did])[0]))
         for k in counts:
             totals[k] += counts[k]
         too_few += len(chosen) < args.num_neg
@@ -145,6 +143,8 @@ def main(args):
                      "pos_scores": [pos[p] for p in pos_ids], "neg": [corpus[d] for d, _ in chosen],
                      "neg_ids": [d for d, _ in chosen], "neg_scores": [s for _, s in chosen]})
     data.write_jsonl(args.out, rows)
+    if not args.emb:
+        shutil.rmtree(folder)
     pos_all = [s for r in rows for s in r["pos_scores"]]
     print(f"mined {len(rows)} queries -> {args.out} ({totals['no_positive']} skipped: no positive in the qrels)")
     print(f"  negatives a query: mean {np.mean([len(r['neg']) for r in rows]):.2f}, wanted {args.num_neg}; "
@@ -159,5 +159,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
-    gc.freeze()  # the exit then skips a collection over every object torch and transformers made: 1.2 s
+    try:
+        main(parser.parse_args())
+    except data.InputError as e:
+        sys.exit(f"error: {e}")

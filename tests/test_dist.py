@@ -50,14 +50,17 @@ def test_two_processes_equal_one(tiny_model_nodropout, train16, tmp_path, chunk)
 
 
 def test_encode_two_processes_equal_one(tiny_model, tmp_path):
+    """Each rank encodes its own shards (strided); together they are the files of one process."""
     from conftest import scifact_subset
     folder = scifact_subset(str(tmp_path / "subset"), n_queries=12, n_docs=60)
     args = ["--model", tiny_model, "--dataset", folder, "--split", "test", "--device", "cpu", "--batch_size", 8,
-            "--store", "fp32"]
+            "--store", "fp32", "--shard_size", 16]
     torchrun("encode.py", *args, "--out", tmp_path / "two")
     subprocess.run([sys.executable, "encode.py", *map(str, args), "--out", str(tmp_path / "one")], cwd=ROOT,
                    check=True, capture_output=True)
-    for name in ("corpus", "queries"):
+    meta = json.loads((tmp_path / "two" / "meta.json").read_text())
+    assert meta["shards"] == [f"corpus.{i:05d}" for i in range(4)]
+    for name in meta["shards"] + ["queries"]:
         assert (tmp_path / "one" / f"{name}.ids.txt").read_text() == (tmp_path / "two" / f"{name}.ids.txt").read_text()
         a, b = np.load(tmp_path / "one" / f"{name}.npy"), np.load(tmp_path / "two" / f"{name}.npy")
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-5

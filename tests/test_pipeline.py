@@ -15,9 +15,10 @@ import data
 import encode
 import evaluate
 import mine
+import retrieval
 import train
 from conftest import NFCORPUS, ROOT, SCIFACT, make_tiny_bert, scifact_subset
-from model import BiEncoder, default_model
+from model import Bert, BiEncoder, default_model
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -65,7 +66,7 @@ def test_pooling_variants(tiny_model):
         batch = m.tokenize(texts, "doc")
         with torch.no_grad():
             emb = m(batch, "doc")
-            hidden = m.encoder(**batch).last_hidden_state
+            hidden = m.encoder(batch["input_ids"], batch["attention_mask"])
         n = batch["attention_mask"].sum(1)
         for i in range(2):
             expected = {"cls": hidden[i, 0], "mean": hidden[i, :n[i]].mean(0), "last": hidden[i, n[i] - 1]}[pooling]
@@ -75,42 +76,64 @@ def test_pooling_variants(tiny_model):
     m.tokenizer.padding_side = "left"
     batch = m.tokenize(texts, "doc")
     with torch.no_grad():
-        emb, hidden = m(batch, "doc"), m.encoder(**batch).last_hidden_state
+        emb, hidden = m(batch, "doc"), m.encoder(batch["input_ids"], batch["attention_mask"])
     assert torch.allclose(emb, hidden[:, -1], atol=1e-5)
-    with pytest.raises(ValueError, match="unknown pooling"):
+    with pytest.raises(data.InputError, match="unknown pooling"):
         BiEncoder(tiny_model, pooling="max")
 
 
-def test_inference_bert_gives_transformers_vectors_and_gradients(tmp_path):
-    """for_inference (encode, mine, evaluate) builds our `Bert` for a BERT checkpoint: the real MiniLM's vectors
-    equal transformers' BertModel's in fp32, with the fused oneDNN linears and without, and stay close in bf16;
-    its gradients equal transformers' too (with gradients on the fused path is the plain one). A checkpoint it
-    cannot load (here: another activation) keeps transformers' model."""
-    from model import Bert, for_inference
+def hf_embed(hf, batch):
+    """transformers' BertModel with mean pooling and normalisation: the reference our BiEncoder must match."""
+    hidden = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_our_bert_gives_transformers_vectors_and_gradients(mode):
+    """The real MiniLM on a padded batch: our Bert's vectors and gradients equal transformers' BertModel's, in eval
+    mode and in train mode (dropout 0 on both, so that both are deterministic)."""
+    from transformers import BertModel
     texts = [data.load_dataset(SCIFACT, "test")[0][d] for d in ("4983", "5836")] + ["short text"]
-    plain = BiEncoder(default_model()).eval()
-    batch = plain.tokenize(texts, "doc")  # padded: the short text is masked in attention and pooling
-    ours = for_inference(default_model(), torch.device("cpu"), "fp32")
-    assert isinstance(ours.encoder, Bert) and ours.encoder.onednn == (platform.machine() == "x86_64")
-    with torch.no_grad():
-        want, fused = plain(batch, "doc"), ours(batch, "doc")
-        bf16 = for_inference(default_model(), torch.device("cpu"), "bf16")(batch, "doc")
-        ours.encoder.onednn = False
-        unfused = ours(batch, "doc")
-    assert (fused - want).abs().max() < 1e-5 and (unfused - want).abs().max() < 1e-5
-    assert (bf16 * want).sum(1).min() > 0.999
-    ours.encoder.onednn = True
-    for m in (plain, ours):
-        m(batch, "doc").sum().backward()
-    hf_layer, our_layer = plain.encoder.encoder.layer[0], ours.encoder.layers[0]
-    assert torch.allclose(our_layer.up.weight.grad, hf_layer.intermediate.dense.weight.grad, atol=1e-5)
-    assert torch.allclose(our_layer.qkv.weight.grad[384:768], hf_layer.attention.self.key.weight.grad, atol=1e-5)
+    dropout = 0.0 if mode == "train" else None
+    ours = BiEncoder(default_model(), attention_dropout=dropout)
+    assert isinstance(ours.encoder, Bert)
+    hf = BertModel.from_pretrained(default_model(), attn_implementation="eager", attention_probs_dropout_prob=0.0,
+                                   hidden_dropout_prob=0.0) if mode == "train" else BertModel.from_pretrained(default_model())
+    if mode == "train":
+        ours.encoder.config.hidden_dropout_prob = 0.0
+    ours.train(mode == "train"), hf.train(mode == "train")
+    batch = ours.tokenize(texts, "doc")  # padded: the short text is masked in attention and pooling
+    a, b = ours(batch, "doc"), hf_embed(hf, batch)
+    assert (a - b).abs().max() < 1e-5
+    a.sum().backward(), b.sum().backward()
+    ours_layer, hf_layer = ours.encoder.layers[0], hf.encoder.layer[0]
+    assert torch.allclose(ours_layer.up.weight.grad, hf_layer.intermediate.dense.weight.grad, atol=1e-5)
+    assert torch.allclose(ours_layer.qkv.weight.grad[384:768], hf_layer.attention.self.key.weight.grad, atol=1e-5)
+    assert torch.allclose(ours.encoder.word.weight.grad, hf.embeddings.word_embeddings.weight.grad, atol=1e-5)
+
+
+def test_dropout_is_live_and_replays_under_the_same_rng():
+    ours = BiEncoder(default_model()).train()  # MiniLM's dropout: 0.1 on hidden states and attention
+    batch = ours.tokenize(["a query about cells", "another, longer query about proteins and cells"], "query")
+    torch.manual_seed(1)
+    a = ours(batch, "query")
+    b = ours(batch, "query")
+    torch.manual_seed(1)
+    assert torch.equal(a, ours(batch, "query")) and (a - b).abs().max() > 1e-3
+    assert torch.equal(ours.eval()(batch, "query"), ours(batch, "query"))
+
+
+def test_other_architectures_fall_back_to_transformers(tmp_path):
+    """A checkpoint our Bert cannot run (here: another activation) is transformers' AutoModel, unpatched."""
     other = make_tiny_bert(tmp_path / "gelu_new")
     with open(os.path.join(other, "config.json")) as f:
         config = json.load(f)
     with open(os.path.join(other, "config.json"), "w") as f:
         json.dump({**config, "hidden_act": "gelu_new"}, f)
-    assert not isinstance(for_inference(other, torch.device("cpu"), "fp32").encoder, Bert)
+    m = BiEncoder(other)
+    assert not isinstance(m.encoder, Bert) and m.encoder.config._attn_implementation == "sdpa"
+    assert m(m.tokenize(["some text", "more"], "doc"), "doc").shape == (2, 32)
 
 
 def test_minilm_settings_come_from_its_sentence_transformers_files():
@@ -123,7 +146,7 @@ def test_minilm_settings_come_from_its_sentence_transformers_files():
 def test_pytrec_eval_wiring_hand_computed_ndcg():
     qrels = {"q1": {"d1": 1, "d2": 2}, "q2": {"d9": 1}}
     run = {"q1": {"d3": 3.0, "d1": 2.0, "d2": 1.0}, "q2": {"d9": 1.0}}
-    means, per_query = evaluate.evaluate_run(run, qrels)
+    means, per_query = retrieval.evaluate_run(run, qrels)
     # trec_eval nDCG, linear gains: DCG = 1/log2(3) + 2/log2(4); ideal = 2/log2(2) + 1/log2(3)
     dcg, ideal = 1 / np.log2(3) + 2 / np.log2(4), 2 + 1 / np.log2(3)
     assert per_query["q1"]["ndcg@10"] == pytest.approx(dcg / ideal, abs=1e-6)
@@ -131,10 +154,20 @@ def test_pytrec_eval_wiring_hand_computed_ndcg():
     assert means["ndcg@10"] == pytest.approx((dcg / ideal + 1) / 2, abs=1e-6)
 
 
-def test_search_ties_are_deterministic():
-    d = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
-    scores, idx = evaluate.search(np.array([[1.0, 0.0]], dtype=np.float32), d, 3)
-    assert idx[0].tolist() == [0, 1, 2]
+def test_search_ties_are_deterministic_and_shards_equal_one_matrix():
+    d = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0]], dtype=np.float32)
+    scores, idx = retrieval.search(np.array([[1.0, 0.0], [-0.6, 0.8]], dtype=np.float32), [d], 3)
+    assert idx.tolist() == [[0, 1, 4], [2, 3, 0]] and np.allclose(scores, [[1, 1, 1], [0.8, 0.6, -0.6]])
+    rng = np.random.default_rng(0)
+    d = rng.integers(-2, 3, (300, 8)).astype(np.float32)  # small integers: many exact ties
+    q = rng.integers(-2, 3, (20, 8)).astype(np.float32)
+    whole = retrieval.search(q, [d], 50)
+    sharded = retrieval.search(q, [d[:7], d[7:100], d[100:]], 50, rows=6)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, sharded))
+    cos = (retrieval.unit(torch.tensor(q).double()) @ retrieval.unit(torch.tensor(d).double()).T).float()
+    # brute force: cosine in float64 rounded to float32, as search scores; ties by the lower index
+    expected = [sorted(range(300), key=lambda j: (-cos[i, j].item(), j))[:50] for i in range(20)]
+    assert whole[1].tolist() == expected
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
@@ -155,7 +188,7 @@ def test_mine_train_encode_evaluate_on_scifact_subset(tiny_model, tmp_path):
     encode.main(encode.parser.parse_args(["--model", ckpt, "--dataset", folder, "--split", "test",
                                           "--out", str(tmp_path / "emb")]))
     meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
-    assert meta["count"] == {"corpus": 200, "queries": 24} and meta["pooling"] == "mean"
+    assert meta["count"] == 200 and meta["shards"] == ["corpus.00000"] and meta["pooling"] == "mean"
     from_emb = evaluate.main(evaluate.parser.parse_args(["--emb", str(tmp_path / "emb"), "--dataset", folder,
                                                          "--split", "test", "--out", str(tmp_path / "ev")]))
     from_model = evaluate.main(evaluate.parser.parse_args(["--model", ckpt, "--dataset", folder, "--split", "test"]))
@@ -172,12 +205,13 @@ def test_checkpoint_loads_in_sentence_transformers(tmp_path, pooling):
     ours = BiEncoder(default_model(), pooling=pooling, query_prefix="query: ")
     ours.save(str(tmp_path / "m"))
     texts = [data.load_dataset(SCIFACT, "test")[0][d] for d in ("4983", "5836", "7912")] + ["short text"]
-    a = encode.encode_texts(ours, texts, "doc", progress=False)
+    ours.eval()
+    a = ours.encode(texts, "doc")
     st = SentenceTransformer(str(tmp_path / "m"), device="cpu")
     b = st.encode(texts, convert_to_numpy=True)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.999, cos
-    qa = encode.encode_texts(ours, ["is x true?"], "query", progress=False)
+    qa = ours.encode(["is x true?"], "query")
     qb = st.encode(["is x true?"], prompt_name="query")
     assert float(qa[0] @ qb[0] / np.linalg.norm(qb[0])) >= 0.999
 
@@ -207,8 +241,9 @@ def bad_input_cases(tmp_path):
     ids.write_text("q1\nq404\n")
     emb = tmp_path / "emb"
     emb.mkdir()
-    np.save(emb / "corpus.npy", np.zeros((3, 4), dtype=np.float16))
-    (emb / "corpus.ids.txt").write_text("d1\nd2\n")
+    np.save(emb / "corpus.00000.npy", np.zeros((3, 4), dtype=np.float16))
+    (emb / "corpus.00000.ids.txt").write_text("d1\nd2\n")
+    (emb / "meta.json").write_text(json.dumps({"shards": ["corpus.00000"]}))
     return [  # (case, command, what the one-line error must name)
         ("malformed json line", ["train.py", "--train_data", tmp_path / "malformed.jsonl"], "malformed.jsonl:2"),
         ("line without query", ["train.py", "--train_data", tmp_path / "no_query.jsonl"], "no_query.jsonl:1: missing 'query'"),
@@ -223,8 +258,8 @@ def bad_input_cases(tmp_path):
         ("model folder missing", ["encode.py", "--model", tmp_path / "no_model", "--out", tmp_path / "e"],
          "no_model: not a folder"),
         ("embeddings and ids disagree", ["evaluate.py", "--emb", emb, "--dataset", beir, "--split", "ok"],
-         "corpus.npy: shape (3, 4) does not match the 2 ids"),
-        ("unknown --resume value", ["train.py", "--resume", "yes", "--out_dir", tmp_path / "o"], "--resume takes"),
+         "corpus.00000.npy: shape (3, 4) (float16) does not match the 2 ids"),
+        ("unknown --resume value", ["train.py", "--resume", "yes", "--out_dir", tmp_path / "o"], "--resume"),
     ]
 
 
@@ -270,16 +305,13 @@ def test_separate_towers_save_and_load(tiny_model, tmp_path):
         assert not torch.allclose(back.eval()(batch, "query"), back(batch, "doc"))
 
 
-def test_compare_two_runs_paired_test_and_plot(tmp_path, capsys):
+def test_compare_two_runs_paired_test(tmp_path, capsys):
     rng = np.random.default_rng(0)
     base = rng.uniform(0.2, 0.8, 50)
     noise = rng.normal(0, 0.02, 50)
     for name, values in (("a", base), ("b", base + 0.1 + noise - noise.mean())):
         per_query = {str(i): {"ndcg@10": v, "recall@100": v, "mrr@10": v, "map": v} for i, v in enumerate(values)}
-        data.write_json(str(tmp_path / name / "metrics.json"),
-                        {"per_query": per_query, "recall_curve": list(np.linspace(0.1, 0.9, 1000))})
-    evaluate.main(evaluate.parser.parse_args(["--compare", str(tmp_path / "a"), str(tmp_path / "b"),
-                                              "--out", str(tmp_path / "cmp")]))
+        data.write_json(str(tmp_path / name / "metrics.json"), {"per_query": per_query})
+    evaluate.main(evaluate.parser.parse_args(["--compare", str(tmp_path / "a"), str(tmp_path / "b")]))
     line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("ndcg@10"))
     assert "diff +0.1000" in line and float(re.search(r"p = (\S+)", line).group(1)) < 1e-6, line
-    assert (tmp_path / "cmp" / "recall_at_k.png").stat().st_size > 1000

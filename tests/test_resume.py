@@ -100,7 +100,7 @@ def test_resume_from_another_models_checkpoint(tiny_model, tiny_model_nodropout,
     subprocess.run(cmd(tiny_model, train_file, tmp_path, "--max_steps", 1), cwd=ROOT, check=True, capture_output=True)
     r = subprocess.run(cmd(tiny_model_nodropout, train_file, tmp_path, "--resume"), cwd=ROOT, capture_output=True,
                        text=True)
-    assert r.returncode != 0 and "train_state.pt: this checkpoint was trained from --model" in r.stderr
+    assert r.returncode != 0 and "train_state.pt: it was trained with --model" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -1,0 +1,212 @@
+"""Search and score, shared by encode.py, evaluate.py, mine.py and train.py: the embedding files, exact top-k
+search over them (one shard at a time, on the GPU when there is one), and the metrics, from pytrec_eval as
+MTEB and BEIR compute them.
+
+Embeddings on disk (encode.py): `corpus.00000.npy` (n, D) + `corpus.00000.ids.txt` (n lines), one pair a shard,
+`queries.npy` + `queries.ids.txt`, and `meta.json` listing the shards.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+
+MEASURES = {"ndcg_cut.1,3,5,10,100,1000", "recall.1,3,5,10,20,50,100,200,500,1000", "map", "P.1,10"}
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def save_embeddings(folder, name, ids, emb, store="fp16"):
+    """folder/name.npy (N, D) and folder/name.ids.txt (N lines), each written atomically (the ids last: a
+    shard counts as complete once its ids file exists)."""
+    emb = emb.astype(np.float16 if store == "fp16" else np.float32)
+    data.atomic_write(os.path.join(folder, f"{name}.npy"), lambda f: np.save(f, emb), mode="wb")
+    data.atomic_write(os.path.join(folder, f"{name}.ids.txt"), lambda f: f.writelines(i + "\n" for i in ids))
+
+
+def load_embeddings(folder, name, mmap=False):
+    """(ids, matrix) of one file pair: float32, or memory-mapped as stored with mmap. A missing file, a foreign
+    file or a count mismatch is an InputError."""
+    npy, txt = os.path.join(folder, f"{name}.npy"), os.path.join(folder, f"{name}.ids.txt")
+    for path in (npy, txt):
+        if not os.path.isfile(path):
+            raise data.InputError(f"{path}: file not found (is {folder} an encode.py output folder?)")
+    try:
+        emb = np.load(npy, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        raise data.InputError(f"{npy}: not a readable .npy array ({e})") from None
+    with open(txt, encoding="utf-8") as f:
+        ids = f.read().splitlines()
+    if emb.ndim != 2 or emb.shape[0] != len(ids) or emb.dtype.kind != "f":
+        raise data.InputError(f"{npy}: shape {emb.shape} ({emb.dtype}) does not match the {len(ids)} ids in {txt}")
+    return ids, emb if mmap else emb.astype(np.float32)
+
+
+def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_size=None, rank=0, world=1):
+    """Embed corpus {id: text} into folder/corpus.NNNNN.npy + .ids.txt, shard_size documents a shard, rank r of
+    W taking shards r, r+W, ... A shard whose files are there is kept: a rerun of a killed encoding resumes, and
+    gives the files an uninterrupted run would. meta (the encoding's settings) is checked against the folder's
+    meta.json first, then written to it with the list of shards once all ranks are done."""
+    ids, path = list(corpus), os.path.join(folder, "meta.json")
+    meta = {**meta, "count": len(ids), "shard_size": shard_size, "store": store}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = {k: v for k, v in json.load(f).items() if k in meta}
+        if old != meta:
+            changed = next(k for k in meta if old.get(k) != meta[k])
+            raise data.InputError(f"{path}: this folder holds an encoding with {changed} {old.get(changed)!r}, not "
+                                  f"{meta[changed]!r}; give another folder, or delete it")
+    elif rank == 0:
+        data.write_json(path, meta)  # before any shard: a rerun can tell whose shards these are
+    starts = range(0, len(ids), shard_size)
+    names = [f"corpus.{s:05d}" for s in range(len(starts))]
+    todo = [s for s in range(rank, len(starts), world) if not os.path.isfile(os.path.join(folder, names[s] +
+                                                                                           ".ids.txt"))]
+    bar = tqdm(total=sum(len(ids[starts[s]:starts[s] + shard_size]) for s in todo), desc="encode corpus",
+               unit="doc", disable=rank != 0, mininterval=2)
+    for s in todo:
+        part = ids[starts[s]:starts[s] + shard_size]
+        save_embeddings(folder, names[s], part, model.encode([corpus[i] for i in part], "doc", batch_size, bar), store)
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        data.write_json(path, {**meta, "shards": names})
+    return names
+
+
+class Shards:
+    """The corpus of an encode.py folder: its ids, and its vectors memory-mapped, read a shard at a time
+    (iteration, for search) or by row (rows(...), e.g. the positives' vectors in mining)."""
+
+    def __init__(self, folder):
+        path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(path):
+            raise data.InputError(f"{path}: file not found (is {folder} an encode.py output folder?)")
+        with open(path, encoding="utf-8") as f:
+            self.meta = json.load(f)
+        if "shards" not in self.meta:
+            raise data.InputError(f"{folder}: an unfinished encoding; rerun the same encode.py command to finish it")
+        self.ids, self.mats = [], []
+        for name in self.meta["shards"]:
+            ids, emb = load_embeddings(folder, name, mmap=True)
+            self.ids += ids
+            self.mats.append(emb)
+        self.first = np.cumsum([0] + [len(m) for m in self.mats])  # the first row of each shard
+
+    def __iter__(self):
+        return (np.array(m, dtype=np.float32) for m in self.mats)  # a copy in memory, one shard at a time
+
+    def rows(self, rows):
+        """(len(rows), D) float32 vectors of these rows of the concatenated corpus."""
+        shard = np.searchsorted(self.first, rows, side="right") - 1
+        return np.stack([self.mats[s][r - self.first[s]] for s, r in zip(shard, rows)]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+def _keys(scores, first):
+    """(r, n) float32 scores of columns first..first+n -> int64 keys that order by score, then by the lower column:
+    top-k over them is exact and deterministic among ties. A float's bits, read as an integer, order like the
+    float once negative ones have all but the sign bit flipped; the column fills the low 32 bits (complemented, so
+    that a lower column is a larger key)."""
+    b = scores.contiguous().view(torch.int32).to(torch.int64)
+    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+    return (b << 32) | (0xFFFFFFFF - torch.arange(first, first + scores.shape[1], device=scores.device))
+
+
+def _unkeys(keys):
+    """The inverse of _keys: (scores, columns)."""
+    b = keys >> 32
+    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+    return b.to(torch.int32).view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+def unit(x):
+    """Rows scaled to unit length, so that inner product is cosine (as MTEB scores)."""
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+@torch.inference_mode()
+def search(q, shards, k, device="cpu", rows=1024, cols=65536):
+    """Exact cosine top-k: q (Q, D), shards an iterable of (n_i, D) matrices (one in-memory matrix, or the shards
+    of an encoding loaded one at a time) -> scores (Q, k) and rows (Q, k) of their concatenation, as numpy, best
+    first, ties broken by the lower row. Memory: one shard, and scores for a (rows, cols) block at a time.
+    Scores are dot products in float64 rounded to float32: a float32 matrix product rounds differently for
+    different matrix shapes, and ties must not depend on how the corpus was cut into shards."""
+    q = unit(torch.as_tensor(q).to(device, torch.float64))
+    best, first = torch.empty(len(q), 0, dtype=torch.int64, device=device), 0  # keys of the best so far
+    for shard in shards:
+        shard = torch.as_tensor(shard)
+        for c in range(0, len(shard), cols):
+            d = unit(shard[c:c + cols].to(device, torch.float64))
+            new = [_keys((q[r:r + rows] @ d.T).float(), first + c).topk(min(k, len(d))).values
+                   for r in range(0, len(q), rows)]
+            best = torch.cat([best, torch.cat(new)], 1)
+            best = best.topk(min(k, best.shape[1])).values
+        first += len(shard)
+    scores, idx = _unkeys(best)
+    return scores.cpu().numpy(), idx.cpu().numpy()
+
+
+def faiss_search(q, d, k, index):
+    """Approximate search through a faiss index_factory string (e.g. "HNSW32", "IVF1024,Flat"), inner product on
+    unit vectors -> (scores, rows) as search returns them; -1 pads a short result."""
+    import faiss
+    q, d = (np.ascontiguousarray(unit(torch.as_tensor(x, dtype=torch.float32)).numpy()) for x in (q, d))
+    try:
+        idx = faiss.index_factory(d.shape[1], index, faiss.METRIC_INNER_PRODUCT)
+        if not idx.is_trained:
+            idx.train(d)
+    except RuntimeError as e:
+        raise data.InputError(f"--index {index!r}: faiss refused it ({str(e).strip().splitlines()[-1]})") from None
+    idx.add(d)
+    return idx.search(q, min(k, len(d)))
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def ranked(docs):
+    """[(doc_id, score)] by score, then by id: the one order used for truncation, MRR@10 and run.trec."""
+    return sorted(docs.items(), key=lambda x: (-x[1], x[0]))
+
+
+def to_run(q_ids, d_ids, scores, idx, k, ignore_identical_ids=False):
+    """Search results -> run {qid: {doc_id: score}} of the top k each, without -1 padding and, if asked, without a
+    document whose id equals the query's (some BEIR sets, e.g. Quora)."""
+    run = {}
+    for qi, qid in enumerate(q_ids):
+        docs = {d_ids[j]: float(s) for s, j in zip(scores[qi], idx[qi])
+                if j >= 0 and not (ignore_identical_ids and d_ids[j] == qid)}
+        run[qid] = dict(ranked(docs)[:k])
+    return run
+
+
+def evaluate_run(run, qrels):
+    """run {qid: {docid: score}}, qrels {qid: {docid: grade}} -> ({measure: mean}, {qid: {measure: value}}).
+    Means are over the queries of the qrels (a query with no retrieved document scores 0)."""
+    import pytrec_eval
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, MEASURES).evaluate(run)
+    # MRR@10: reciprocal rank of the first relevant document within the top 10 (0 if none)
+    top10 = {qid: dict(ranked(docs)[:10]) for qid, docs in run.items()}
+    for qid, m in pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10).items():
+        per_query[qid]["mrr_10"] = m["recip_rank"]
+    names = {"ndcg_cut_": "ndcg@", "recall_": "recall@", "P_": "p@", "mrr_10": "mrr@10"}
+    rename = lambda m: next((m.replace(a, b) for a, b in names.items() if m.startswith(a)), m)
+    per_query = {qid: {rename(m): v for m, v in ms.items()} for qid, ms in per_query.items()}
+    measures = sorted({m for ms in per_query.values() for m in ms})
+    means = {m: sum(ms.get(m, 0.0) for ms in per_query.values()) / len(qrels) for m in measures}
+    return means, per_query
+
+
+def evaluate(model, corpus, queries, qrels, k=1000, batch_size=None, progress=None):
+    """Encode the corpus and the qrels' queries with model, search exactly, score -> (means, per_query, run)."""
+    d_ids, q_ids = list(corpus), sorted(qrels)
+    d_emb = model.encode([corpus[i] for i in d_ids], "doc", batch_size, progress)
+    q_emb = model.encode([queries[i] for i in q_ids], "query", batch_size)
+    scores, idx = search(q_emb, [d_emb], k, next(model.parameters()).device)
+    run = to_run(q_ids, d_ids, scores, idx, k)
+    return (*evaluate_run(run, qrels), run)
