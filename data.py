@@ -43,6 +43,14 @@ COMMON = {  # flags several stages take, declared once; each stage picks its own
 }
 
 
+def int_range(text):
+    """A START-END flag value -> (start, end), 0 <= start < end (an argparse type)."""
+    start, _, end = text.partition("-")
+    if not (start.isdigit() and end.isdigit() and int(start) < int(end)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected START-END with 0 <= START < END, e.g. 10-100")
+    return int(start), int(end)
+
+
 def parser(doc, **defaults):
     """A stage's argument parser with the shared flags named in defaults (flag=default). A wrong flag ends the
     script with one line `error: ...` and exit status 1, like every other user mistake."""
@@ -84,21 +92,26 @@ def write_jsonl(path, rows):
 
 def read_jsonl(path):
     """Yield (line number, dict) for each non-empty line; a malformed line raises InputError naming it."""
+    for n, line in read_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        yield n, row
+
+
+def read_lines(path):
+    """Yield (line number, line) for each non-empty line of a UTF-8 text file (a byte-order mark is skipped)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark at the start is skipped
+    with open(path, encoding="utf-8-sig") as f:
         n = 0
         try:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield n, row
+                if line.strip():
+                    yield n, line
         except UnicodeDecodeError:
             raise InputError(f"{path}:{n + 1}: not UTF-8 text") from None
 
@@ -128,15 +141,12 @@ def load_dataset(ref, split=None):
 
 def read_ids(path, known):
     """Sorted query ids from a file (one a line), each of which must be in `known` (e.g. the qrels)."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
     ids = set()
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip() and line.strip() not in known:
-                raise InputError(f"{path}:{n}: query id {line.strip()!r} is not in the dataset's qrels")
-            ids.add(line.strip())
-    return sorted(ids - {""})
+    for n, line in read_lines(path):
+        if line.strip() not in known:
+            raise InputError(f"{path}:{n}: query id {line.strip()!r} is not in the dataset's qrels")
+        ids.add(line.strip())
+    return sorted(ids)
 
 
 def _doc_text(title, text):
@@ -164,21 +174,14 @@ def _load_beir_folder(folder, split):
 
 def read_qrels(path):
     """BEIR qrels tsv (`query-id corpus-id score`, header optional) or TREC qrels (`qid 0 docid grade`)."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
     qrels = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            cols = line.split()
-            if not cols or (n == 1 and cols[0] == "query-id"):
-                continue
-            if len(cols) not in (3, 4):
-                raise InputError(f"{path}:{n}: expected 'query-id corpus-id score', got {line.strip()!r}")
-            qid, did, grade = cols[0], cols[-2], cols[-1]
-            try:
-                qrels.setdefault(qid, {})[did] = int(grade)
-            except ValueError:
-                raise InputError(f"{path}:{n}: relevance grade {grade!r} is not an integer") from None
+    for n, line in read_lines(path):
+        cols = line.split()
+        if n == 1 and cols[0] == "query-id":
+            continue
+        if len(cols) not in (3, 4) or not cols[-1].lstrip("-").isdigit():
+            raise InputError(f"{path}:{n}: expected 'query-id corpus-id grade' (an integer grade), got {line.strip()!r}")
+        qrels.setdefault(cols[0], {})[cols[-2]] = int(cols[-1])
     return qrels
 
 
@@ -270,9 +273,6 @@ def sample_group(ex, group_size, seed, epoch, index):
     pos, k, negs = rng.randrange(len(ex["pos"])), group_size - 1, ex["neg"]
     if k == 0:
         return pos, []
-    if not negs:
-        raise InputError(f"query {ex.get('qid', ex['query'][:40])!r} has no negatives but --group_size is "
-                         f"{group_size}; mine negatives with mine.py or use --group_size 1")
     if len(negs) >= k:
         return pos, rng.sample(range(len(negs)), k)
     return pos, [rng.randrange(len(negs)) for _ in range(k)]

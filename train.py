@@ -34,52 +34,46 @@ from model import DTYPES, BiEncoder, default_model, setup
 
 parser = data.parser(__doc__, model=None, dataset="beir/nfcorpus/train", split=None, dtype=None, device="auto", seed=0)
 # data
-parser.add_argument("--train_data", default=None, help="FlagEmbedding jsonl (query, pos, neg, ...), e.g. from "
-                                                       "mine.py; else the positives of --dataset's qrels")
-parser.add_argument("--group_size", type=int, default=None, help="1 positive + group_size-1 hard negatives a query "
-                                                                 "(default 2 with negatives in the data, else 1)")
-parser.add_argument("--query_max_len", type=int, default=None, help="query tokens (default: the model's)")
-parser.add_argument("--passage_max_len", type=int, default=None, help="document tokens (default: the model's)")
-parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1],
-                    help="1: a query's other positives in the batch are not its negatives; 0: off")
+parser.add_argument("--train_data", help="FlagEmbedding jsonl (query, pos, neg, ...); else --dataset's qrels positives")
+parser.add_argument("--group_size", type=int, help="1 positive + G-1 hard negatives a query (default 2, or 1 if none)")
+parser.add_argument("--query_max_len", type=int, help="query tokens (default: the model's)")
+parser.add_argument("--passage_max_len", type=int, help="document tokens (default: the model's)")
+parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1], help="1: a query's other "
+                    "positives in the batch are not its negatives")
 # model
-parser.add_argument("--pooling", default=None, choices=["cls", "mean", "last"], help="default: the model's")
-parser.add_argument("--query_prefix", default=None, help="instruction before each query (default: the model's)")
-parser.add_argument("--doc_prefix", default=None, help="instruction before each document (default: the model's)")
-parser.add_argument("--attention_dropout", type=float, default=None, help="dropout on attention probabilities "
-                    "(default: the model's, 0.1 for BERT; 0 is much faster on a CPU)")
+parser.add_argument("--pooling", choices=["cls", "mean", "last"], help="default: the model's")
+parser.add_argument("--query_prefix", help="instruction before each query (default: the model's)")
+parser.add_argument("--doc_prefix", help="instruction before each document (default: the model's)")
+parser.add_argument("--attention_dropout", type=float, help="dropout on attention probabilities (default: the "
+                    "model's, 0.1 for BERT; 0 is much faster on a CPU)")
 parser.add_argument("--separate_towers", action="store_true", help="queries get their own copy of the encoder")
 # loss
-parser.add_argument("--temp", type=float, default=0.02, help="InfoNCE temperature τ (BGE 0.02; sentence-transformers "
-                                                             "scale 20 = 0.05)")
-parser.add_argument("--loss", default="auto", choices=["auto", "reference", "fused"],
-                    help="reference: readable info_nce; fused: tiled, O(tile) extra memory; auto: fused on GPU when "
-                         "the logit matrix (batch x batch*group) has over 16M entries, else reference")
-parser.add_argument("--teacher_temp", type=float, default=None, help="distil the data's pos_scores/neg_scores: add "
-                    "KL(teacher || student) over each group, teacher softmax at this temperature")
-parser.add_argument("--mrl_dims", default=None, type=lambda s: [int(k) for k in s.split(",")],
-                    help="Matryoshka: comma-separated dims (e.g. 384,256,128,64); the loss is summed over truncated, "
-                         "re-normalised prefixes")
+parser.add_argument("--temp", type=float, default=0.02, help="InfoNCE temperature (BGE 0.02; ST's scale 20 = 0.05)")
+parser.add_argument("--loss", default="auto", choices=["auto", "reference", "fused"], help="info_nce or "
+                    "fused_info_nce; auto: fused on a GPU once the (B, N) logits exceed 16M entries")
+parser.add_argument("--teacher_temp", type=float, help="add KL(teacher || student) over each group, from the data's "
+                    "pos_scores and neg_scores, teacher softmax at this temperature")
+parser.add_argument("--mrl_dims", type=lambda s: [int(k) for k in s.split(",")], help="Matryoshka: e.g. 384,256,128; "
+                    "the loss summed over truncated, re-normalised prefixes")
 # optimisation
-parser.add_argument("--batch_size", type=int, default=128, help="queries a step, over all ranks; the last partial "
-                                                                "batch of an epoch is dropped")
-parser.add_argument("--chunk_size", type=int, default=-1, help="gradient cache: texts a forward pass; 0 = off; "
-                                                               "-1 = auto (32 on CPU, 256 on GPU)")
+parser.add_argument("--batch_size", type=int, default=128, help="queries a step over all ranks (a last partial "
+                    "batch of an epoch is dropped)")
+parser.add_argument("--chunk_size", type=int, default=-1, help="gradient cache: texts a forward pass; 0: off; -1: 32 "
+                    "on CPU, 256 on GPU")
 parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW)")
 parser.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-parser.add_argument("--warmup", type=float, default=0.1, help="linear warmup: a fraction of all steps if < 1, "
-                                                              "else a number of steps; then linear decay to 0")
-parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+parser.add_argument("--warmup", type=float, default=0.1, help="linear warmup, a fraction of all steps if < 1, else "
+                    "steps; then linear decay to 0")
+parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
 parser.add_argument("--epochs", type=int, default=1, help="passes over the train data")
-parser.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
+parser.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
 # output
-parser.add_argument("--out_dir", default="runs/train", help="checkpoint, train_state.pt and log.jsonl go here")
-parser.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+parser.add_argument("--out_dir", default="runs/train", help="model/, train_state.pt and log.jsonl go here")
+parser.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
 parser.add_argument("--log_every", type=int, default=1, help="print a log line every N steps")
-parser.add_argument("--resume", nargs="?", const="last", default=None, choices=["last", "auto"],
-                    help="--resume: continue the checkpoint in --out_dir (error if none); --resume auto: only if one "
-                         "exists")
+parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"], help="continue the checkpoint in "
+                    "--out_dir (error if none); auto: if there is one")
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -106,43 +100,33 @@ def load_examples(args):
     return examples, use_ids
 
 
-def make_batch(examples, indices, args, epoch, use_ids):
-    """Texts of a batch: queries (B,), docs (B * G,) laid out per query [p_0, n_0,1 .. n_0,G-1, p_1, ...],
-    d_keys (B * G,) and each query's positive keys (for the false-negative mask), teacher scores (B, G)."""
-    b = {"queries": [], "docs": [], "d_keys": [], "pos_keys": [], "teacher": []}
-    for i in indices:
-        ex = examples[i]
-        p, negs = data.sample_group(ex, args.group_size, args.seed, epoch, i)
-        b["queries"].append(ex.get("prompt", "") + ex["query"])
-        b["docs"] += [ex["pos"][p]] + [ex["neg"][j] for j in negs]
-        pk, nk = data.doc_keys(ex, "pos", use_ids), data.doc_keys(ex, "neg", use_ids)
-        b["d_keys"] += [pk[p]] + [nk[j] for j in negs]
-        b["pos_keys"].append(pk)
-        if args.teacher_temp:
-            b["teacher"].append([ex["pos_scores"][p]] + [ex["neg_scores"][j] for j in negs])
-    return b
-
-
 def batches(model, examples, use_ids, args, steps, steps_per_epoch, rank, world):
-    """The batch of each step as a dict, made from (seed, epoch, step) alone, so a resumed run sees the same
-    batches: this rank's slice of the queries and documents tokenised, the global batch's document keys and this
-    rank's positive keys, and its offset among the global batch's queries. Made one step ahead in a thread."""
+    """The batch of each step as a dict, made from (seed, epoch, step) alone, so that a resumed run sees the same
+    batches; made one step ahead in a background thread. This rank's queries (b,) and documents (b*G,) tokenised,
+    laid out per query [p_0, n_0,1 .. n_0,G-1, p_1, ...]; the keys of the global batch's documents (B*G,) and of
+    this rank's queries' positives (b, P), for the false-negative mask; teacher scores (b, G)."""
     epoch_order = functools.lru_cache(1)(lambda epoch: data.epoch_order(len(examples), args.seed, epoch))
-    local_b, G = args.batch_size // world, args.group_size
+    b = args.batch_size // world
 
     def make(step):
         epoch, i = divmod(step, steps_per_epoch)
-        b = make_batch(examples, epoch_order(epoch)[i * args.batch_size:(i + 1) * args.batch_size], args, epoch,
-                       use_ids)
-        mine = slice(rank * local_b, (rank + 1) * local_b)
-        pos_keys = b["pos_keys"][mine]
+        queries, docs, d_keys, pos_keys, teacher = [], [], [], [], []
+        for n, e in enumerate(epoch_order(epoch)[i * args.batch_size:(i + 1) * args.batch_size]):
+            ex = examples[e]
+            p, negs = data.sample_group(ex, args.group_size, args.seed, epoch, e)
+            pk, nk = data.doc_keys(ex, "pos", use_ids), data.doc_keys(ex, "neg", use_ids)
+            d_keys += [pk[p]] + [nk[j] for j in negs]
+            if n // b == rank:  # this rank's share of the global batch
+                queries.append(ex.get("prompt", "") + ex["query"])
+                docs += [ex["pos"][p]] + [ex["neg"][j] for j in negs]
+                pos_keys.append(pk)
+                if args.teacher_temp:
+                    teacher.append([ex["pos_scores"][p]] + [ex["neg_scores"][j] for j in negs])
         width = max(map(len, pos_keys))
-        return {"step": step, "epoch": epoch, "offset": rank * local_b,
-                "q": model.tokenize(b["queries"][mine], "query"),
-                "d": model.tokenize(b["docs"][mine.start * G:mine.stop * G], "doc"),
-                "d_keys": torch.tensor(b["d_keys"]),  # (B * G,) over all ranks: the gathered documents
-                "q_pos_keys": torch.tensor([k + [-1] * (width - len(k)) for k in pos_keys]),  # (b, P), -1 pads
-                "teacher": torch.tensor(b["teacher"][mine]) if args.teacher_temp else None}  # (b, G)
+        return {"step": step, "epoch": epoch, "offset": rank * b, "q": model.tokenize(queries, "query"),
+                "d": model.tokenize(docs, "doc"), "d_keys": torch.tensor(d_keys),
+                "q_pos_keys": torch.tensor([k + [-1] * (width - len(k)) for k in pos_keys]),  # -1 pads
+                "teacher": torch.tensor(teacher) if args.teacher_temp else None}
     return data.background(make(step) for step in steps)
 
 
@@ -245,28 +229,47 @@ def train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device):
 
 
 def all_reduce_grads(params):
-    """Sum parameter gradients over ranks: one all-reduce of one flat buffer a step, after the last chunk."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(f.view_as(g))
+    """Sum parameter gradients over ranks, once a step after the last chunk: every all-reduce started at once
+    (asynchronously, on each gradient in place: no copy), then waited for."""
+    for work in [dist.all_reduce(p.grad, async_op=True) for p in params if p.grad is not None]:
+        work.wait()
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(out_dir, model, state):
-    """out_dir/model/ (for inference) and out_dir/train_state.pt (for resume), each replaced atomically:
-    the folder is written beside and swapped in, the state file written to a temporary name and renamed."""
-    tmp, final, old = (os.path.join(out_dir, n) for n in ("model.tmp", "model", "model.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    if os.path.isdir(final):
+def make_optimizer(model, args, total_steps, device):
+    """AdamW (no weight decay on biases and LayerNorms, as the HF Trainer), linear warmup then linear decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2],
+                                                              "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
+    schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, rank, world):
+    """out_dir/model/ (for inference) and out_dir/train_state.pt (for resume: with every rank's RNG state, so that
+    a resumed run draws the dropout masks this one would have), each replaced atomically: the folder is written
+    beside and swapped in, the state file written to a temporary name and renamed."""
+    rngs = [rng_state(device)]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state(device))
+    if rank == 0:
+        tmp, final, old = (os.path.join(args.out_dir, n) for n in ("model.tmp", "model", "model.old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save(tmp)
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    data.atomic_write(os.path.join(out_dir, "train_state.pt"), lambda f: torch.save(state, f), mode="wb")
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rngs,
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "args": vars(args)}
+        data.atomic_write(os.path.join(args.out_dir, "train_state.pt"), lambda f: torch.save(state, f), mode="wb")
+    if world > 1:
+        dist.barrier()  # the others wait here, not inside the next step's collectives
 
 
 def load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, world):
@@ -286,15 +289,12 @@ def load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, wor
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    if len(state["rng"]) == world:
+    if len(state["rng"]) == world:  # else (another number of processes) dropout goes on from this run's seed
         set_rng_state(state["rng"][rank], device)
-    elif rank == 0:
-        print(f"the checkpoint has RNG states of {len(state['rng'])} processes, not {world}: dropout is reseeded")
     if rank == 0 and os.path.isfile(log_path):  # a kill may have cut the last line short
         with open(log_path) as f:
             rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
         data.atomic_write(log_path, lambda f: f.writelines(rows))
-    if rank == 0:
         print(f"resumed {path} after step {state['step']}")
     return state["step"]
 
@@ -316,12 +316,6 @@ def plot_log(log_path, png):
     plt.close(fig)
 
 
-def memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux reports KiB)
-
-
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(args):
@@ -334,7 +328,6 @@ def main(args):
     examples, use_ids = load_examples(args)
     steps_per_epoch = len(examples) // args.batch_size
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
 
     # model and optimiser
     torch.manual_seed(args.seed + rank)  # dropout differs between ranks, as it would across one big batch
@@ -342,13 +335,7 @@ def main(args):
                       attention_dropout=args.attention_dropout, pooling=args.pooling,
                       query_prefix=args.query_prefix, doc_prefix=args.doc_prefix, query_max_len=args.query_max_len,
                       passage_max_len=args.passage_max_len).to(device).train()  # dropout on, as in pretraining
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and LayerNorm (as the HF Trainer)
-    optimizer = torch.optim.AdamW([{"params": decay}, {"params": [p for p in params if p.ndim < 2],
-                                                      "weight_decay": 0.0}],
-                                  lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = make_optimizer(model, args, total_steps, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")  # fp16 gradients underflow without it
     ctx = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")  # weights stay float32
     if args.compile:  # compiled dropout must draw eager's random numbers, or pass 2 would not replay pass 1
@@ -360,7 +347,7 @@ def main(args):
 
     say(f"{len(examples)} queries | group {args.group_size} | batch {args.batch_size} over {world} process(es) | "
         f"{args.batch_size * args.group_size - 1} negatives a query | chunk {chunk_size or 'off'} | {dtype} on "
-        f"{device} | steps {start + 1}..{total_steps} ({steps_per_epoch} an epoch), warmup {warmup}")
+        f"{device} | steps {start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
     os.makedirs(args.out_dir, exist_ok=True)
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -373,9 +360,9 @@ def main(args):
         loss_fn = lambda q, d: compute_loss(q, d, batch, args)
         loss, q, d, replay_err = train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device)
         if world > 1:
-            all_reduce_grads(params)
+            all_reduce_grads(model.parameters())
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")).item()
         # loss, accuracy and "a signal arrived" summed over ranks (so that all ranks stop after the same step)
         metrics = torch.tensor([loss.item(), accuracy(q, gather(d), args.group_size, batch["offset"]) / world,
                                 float(stop["signal"] is not None)], device=device)
@@ -396,7 +383,8 @@ def main(args):
         tokens = int(batch["q"]["attention_mask"].sum() + batch["d"]["attention_mask"].sum()) * world
         row = {"step": step, "epoch": batch["epoch"], "loss": loss_v, "acc": acc, "lr": lr, "grad_norm": grad_norm,
                "replay_err": replay_err, "q_per_s": args.batch_size / seconds, "tokens_per_s": tokens / seconds,
-               "mem_gb": memory_gb(device), "seconds": seconds}
+               "seconds": seconds, "mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # peak RSS (Linux counts KiB)
         if rank == 0:
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -405,17 +393,7 @@ def main(args):
                 tqdm.write(f"step {step}/{total_steps} | loss {loss_v:.4f} | acc {acc:.3f} | lr {lr:.2e} | "
                            f"{row['q_per_s']:.1f} q/s | {row['tokens_per_s']:.0f} tok/s | mem {row['mem_gb']:.2f} GB")
         if (args.save_every and step % args.save_every == 0) or step == total_steps or stopping:
-            rngs = [rng_state(device)]
-            if world > 1:  # every rank's dropout generator, so that a resumed run draws what this one would have
-                rngs = [None] * world
-                dist.all_gather_object(rngs, rng_state(device))
-            if rank == 0:
-                save_checkpoint(args.out_dir, model, {
-                    "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                    "args": vars(args)})
-            if world > 1:
-                dist.barrier()  # the others wait here, not inside the next step's collectives
+            save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, rank, world)
         if stopping:
             say(f"\nstopped by a signal after step {step}; checkpoint in {args.out_dir} (continue with --resume)")
             break

@@ -6,7 +6,7 @@ import mine
 
 
 def args(**kw):
-    base = dict(num_neg=3, margin=0.0, abs_margin=None, sampling="top", random_frac=0.0)
+    base = dict(num_neg=3, margin=0.0, sampling="top")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -34,18 +34,13 @@ def test_relative_margin():
     assert [d for d, _ in chosen] == ["b", "c", "d"] and counts["margin"] == 1
 
 
-def test_absolute_margin():
-    chosen, counts = select(abs_margin=0.15)  # below 0.8 - 0.15 = 0.65
-    assert [d for d, _ in chosen][:2] == ["c", "d"] and counts["margin"] == 3  # a, b and b2
-    assert counts["random"] == 1 and counts["short_window"] == 1  # the window ran short: topped up at random
-
-
-def test_random_mix():
-    chosen, counts = select(num_neg=4, random_frac=0.5)
-    hard, rand = chosen[:2], chosen[2:]
-    assert [d for d, _ in hard] == ["a", "b"] and counts["random"] == 2
-    assert all(d not in POS and CORPUS[d] not in {"the query", "positive text", "doc a", "doc b"} for d, _ in rand)
-    assert all(s == SCORES[d] for d, s in rand)  # random negatives carry their real scores
+def test_short_window_is_topped_up_at_random():
+    chosen, counts = select(margin=0.8)  # below 0.8 x 0.8 = 0.64: a, b and b2 go; q repeats the query's text
+    assert [d for d, _ in chosen][:2] == ["c", "d"] and counts["margin"] == 3 and counts["same_text"] == 1
+    assert counts["random"] == 1 and counts["short_window"] == 1
+    rand, s = chosen[2]
+    assert rand not in POS and CORPUS[rand] not in {"the query", "positive text", "doc c", "doc d"}
+    assert s == SCORES[rand] and s < 0.64  # a random top-up carries its real score and passes the margin too
 
 
 def test_seeded_random_sampling():
