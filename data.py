@@ -9,9 +9,8 @@ Datasets come from an ir_datasets id (`beir/scifact/test`) or a BEIR folder plus
 Train data is FlagEmbedding's jsonl, one query a line:
     {"query": str, "pos": [str], "neg": [str], "qid"?, "pos_ids"?, "neg_ids"?, "pos_scores"?, "neg_scores"?, "prompt"?}
 
-Bad input raises InputError, naming the file and line (or the flag, or the id) and what would be right. Each
-script's entry point catches InputError alone and prints it as one line; anything else is a bug and keeps its
-traceback.
+A user's mistake raises InputError, naming the flag, or the file and line (or id), and what would be right; each
+script's entry point (`run`) prints it as one line. Anything else is a bug and keeps its traceback.
 """
 import argparse
 import hashlib
@@ -25,7 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 class InputError(Exception):
-    """A user's mistake (a flag, a file, a line, an id): printed as one line `error: ...`, exit status 1."""
+    """A user's mistake: printed as one line `error: ...`, exit status 1."""
+
+
+def run(main, parser):
+    """A stage's entry point: main(flags), a user's mistake ending it with one line `error: ...`."""
+    try:
+        main(parser.parse_args())
+    except InputError as e:
+        sys.exit(f"error: {e}")
 
 
 # ---------------------------------------------------------------------------------------------- shared flags
@@ -43,6 +50,16 @@ COMMON = {  # flags several stages take, declared once; each stage picks its own
 }
 
 
+def parser(doc, **defaults):
+    """A stage's parser with the shared flags named in defaults (flag=default; ... = required). A wrong flag ends
+    the script with one line `error: ...` and exit status 1, like every other user mistake."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in defaults.items():
+        p.add_argument(f"--{name}", default=default, required=default is ..., **COMMON[name])
+    p.error = lambda message: sys.exit(f"error: {message}")
+    return p
+
+
 def int_range(text):
     """A START-END flag value -> (start, end), 0 <= start < end (an argparse type)."""
     start, _, end = text.partition("-")
@@ -51,17 +68,7 @@ def int_range(text):
     return int(start), int(end)
 
 
-def parser(doc, **defaults):
-    """A stage's argument parser with the shared flags named in defaults (flag=default). A wrong flag ends the
-    script with one line `error: ...` and exit status 1, like every other user mistake."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, default in defaults.items():
-        p.add_argument(f"--{name}", default=default, required=default is ..., **COMMON[name])
-    p.error = lambda message: sys.exit(f"error: {message}")
-    return p
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
+# ---------------------------------------------------------------------------------------------- files
 
 def atomic_write(path, write_fn, mode="w"):
     """Write a file through a temporary name in the same folder, fsync, then rename: a reader (or a resumed run)
@@ -90,18 +97,6 @@ def write_jsonl(path, rows):
     atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path):
-    """Yield (line number, dict) for each non-empty line; a malformed line raises InputError naming it."""
-    for n, line in read_lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        yield n, row
-
-
 def read_lines(path):
     """Yield (line number, line) for each non-empty line of a UTF-8 text file (a byte-order mark is skipped)."""
     if not os.path.isfile(path):
@@ -116,6 +111,26 @@ def read_lines(path):
             raise InputError(f"{path}:{n + 1}: not UTF-8 text") from None
 
 
+def read_jsonl(path):
+    """Yield (line number, dict) for each non-empty line; a malformed line raises InputError naming it."""
+    for n, line in read_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        yield n, row
+
+
+def read_ids(path, known):
+    """Sorted query ids from a file (one a line), each of which must be in `known` (e.g. the qrels)."""
+    for n, line in read_lines(path):
+        if line.strip() not in known:
+            raise InputError(f"{path}:{n}: query id {line.strip()!r} is not in the dataset's qrels")
+    return sorted({line.strip() for _, line in read_lines(path)})
+
+
 # ---------------------------------------------------------------------------------------------- datasets
 
 def load_dataset(ref, split=None):
@@ -123,30 +138,18 @@ def load_dataset(ref, split=None):
     Only the queries that the qrels name are kept (all queries when the split has no qrels)."""
     if os.path.isdir(ref):
         corpus, queries, qrels = _load_beir_folder(ref, split)
+    elif split:
+        raise InputError(f"--split {split} only applies to a BEIR folder; put the split in the ir_datasets id "
+                         f"(e.g. beir/scifact/{split})")
     else:
-        if split:
-            raise InputError(f"--split {split} only applies to a BEIR folder; put the split in the ir_datasets id "
-                             f"(e.g. beir/scifact/{split})")
         corpus, queries, qrels = _load_ir_datasets(ref)
     for qid, docs in qrels.items():
         if qid not in queries:
             raise InputError(f"{ref}: qrels name query id {qid!r}, which is not among its queries")
-        for did in docs:
-            if did not in corpus:
-                raise InputError(f"{ref}: qrels of query {qid!r} name document id {did!r}, which is not in the corpus")
-    if qrels:
-        queries = {qid: text for qid, text in queries.items() if qid in qrels}
-    return corpus, queries, qrels
-
-
-def read_ids(path, known):
-    """Sorted query ids from a file (one a line), each of which must be in `known` (e.g. the qrels)."""
-    ids = set()
-    for n, line in read_lines(path):
-        if line.strip() not in known:
-            raise InputError(f"{path}:{n}: query id {line.strip()!r} is not in the dataset's qrels")
-        ids.add(line.strip())
-    return sorted(ids)
+        if not docs.keys() <= corpus.keys():
+            raise InputError(f"{ref}: qrels of query {qid!r} name document id "
+                             f"{next(d for d in docs if d not in corpus)!r}, which is not in the corpus")
+    return corpus, {q: t for q, t in queries.items() if q in qrels} if qrels else queries, qrels
 
 
 def _doc_text(title, text):
@@ -157,18 +160,13 @@ def _load_beir_folder(folder, split):
     if not split:
         raise InputError(f"{folder}: a BEIR folder needs --split (e.g. test)")
     corpus, queries = {}, {}
-    path = os.path.join(folder, "corpus.jsonl")
-    for n, row in read_jsonl(path):
-        if "_id" not in row:
-            raise InputError(f"{path}:{n}: missing '_id'")
-        corpus[str(row["_id"])] = _doc_text(row.get("title"), row.get("text"))
-        if not corpus[str(row["_id"])]:
-            raise InputError(f"{path}:{n}: document {row['_id']!r} has empty title and text")
-    path = os.path.join(folder, "queries.jsonl")
-    for n, row in read_jsonl(path):
-        if "_id" not in row or not str(row.get("text", "")).strip():
-            raise InputError(f"{path}:{n}: a query needs '_id' and a non-empty 'text'")
-        queries[str(row["_id"])] = row["text"].strip()
+    for name, texts in (("corpus", corpus), ("queries", queries)):
+        path = os.path.join(folder, f"{name}.jsonl")
+        for n, row in read_jsonl(path):
+            text = _doc_text(row.get("title"), row.get("text"))
+            if "_id" not in row or not text:
+                raise InputError(f"{path}:{n}: each line needs an '_id' and a non-empty 'text' (or 'title')")
+            texts[str(row["_id"])] = text
     return corpus, queries, read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
 
 
@@ -180,7 +178,7 @@ def read_qrels(path):
         if n == 1 and cols[0] == "query-id":
             continue
         if len(cols) not in (3, 4) or not cols[-1].lstrip("-").isdigit():
-            raise InputError(f"{path}:{n}: expected 'query-id corpus-id grade' (an integer grade), got {line.strip()!r}")
+            raise InputError(f"{path}:{n}: expected 'query-id corpus-id grade' (an integer), got {line.strip()!r}")
         qrels.setdefault(cols[0], {})[cols[-2]] = int(cols[-1])
     return qrels
 
@@ -220,15 +218,12 @@ def read_train_jsonl(path):
     """FlagEmbedding-format train examples, validated. Returns a list of dicts."""
     examples = []
     for n, row in read_jsonl(path):
-        for key in ("query", "pos"):
-            if key not in row:
-                raise InputError(f"{path}:{n}: missing {key!r}")
         row.setdefault("neg", [])
-        if not isinstance(row["query"], str) or not row["query"].strip():
+        if not (isinstance(row.get("query"), str) and row["query"].strip()):
             raise InputError(f"{path}:{n}: 'query' must be a non-empty string")
         for key in ("pos", "neg"):
-            texts = row[key]
-            if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+            texts = row.get(key)
+            if not (isinstance(texts, list) and all(isinstance(t, str) and t.strip() for t in texts)):
                 raise InputError(f"{path}:{n}: {key!r} must be a list of non-empty strings")
             for extra in (f"{key}_ids", f"{key}_scores"):
                 if extra in row and (not isinstance(row[extra], list) or len(row[extra]) != len(texts)):
@@ -246,36 +241,25 @@ def read_train_jsonl(path):
 def examples_from_qrels(corpus, queries, qrels):
     """Train examples from a dataset's qrels: every document with grade > 0 is a positive; no negatives
     (training then uses in-batch negatives only)."""
-    examples = []
-    for qid in sorted(qrels):
-        pos = [did for did, grade in sorted(qrels[qid].items()) if grade > 0]
-        if pos:
-            examples.append({"qid": qid, "query": queries[qid], "pos": [corpus[d] for d in pos], "pos_ids": pos,
-                             "neg": [], "neg_ids": []})
-    return examples
-
-
-def text_key(s):
-    """A stable 63-bit integer key for an id or a text (Python's hash() changes between processes)."""
-    return int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+    positives = {qid: [d for d, grade in sorted(qrels[qid].items()) if grade > 0] for qid in sorted(qrels)}
+    return [{"qid": qid, "query": queries[qid], "pos": [corpus[d] for d in pos], "pos_ids": pos, "neg": [],
+             "neg_ids": []} for qid, pos in positives.items() if pos]
 
 
 def doc_keys(ex, kind, use_ids):
-    """Keys of an example's positives or negatives: hashes of the ids when the data has them, else of the texts."""
-    return [text_key(s) for s in (ex.get(f"{kind}_ids", []) if use_ids else ex[kind])]
+    """Keys of an example's positives or negatives: stable 63-bit hashes (Python's hash() changes between
+    processes) of the ids when the data has them, else of the texts."""
+    return [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 1
+            for s in (ex.get(f"{kind}_ids", []) if use_ids else ex[kind])]
 
 
 def sample_group(ex, group_size, seed, epoch, index):
     """One positive and group_size - 1 negatives for example `index` in `epoch`, drawn from (seed, epoch, index)
     alone, so a run is reproducible and a resumed run draws the same groups. Returns indices into ex["pos"]
     and ex["neg"]; negatives repeat when there are too few."""
-    rng = random.Random(f"{seed}/{epoch}/{index}")
-    pos, k, negs = rng.randrange(len(ex["pos"])), group_size - 1, ex["neg"]
-    if k == 0:
-        return pos, []
-    if len(negs) >= k:
-        return pos, rng.sample(range(len(negs)), k)
-    return pos, [rng.randrange(len(negs)) for _ in range(k)]
+    rng, k, n = random.Random(f"{seed}/{epoch}/{index}"), group_size - 1, len(ex["neg"])
+    pos = rng.randrange(len(ex["pos"]))
+    return pos, rng.sample(range(n), k) if n >= k else [rng.randrange(n) for _ in range(k)]
 
 
 def epoch_order(n, seed, epoch):
@@ -285,15 +269,12 @@ def epoch_order(n, seed, epoch):
     return order
 
 
-_DONE = object()
-
-
 def background(items):
     """Iterate over items, the next one made in a background thread while the caller works on this one: the
     tokenizer releases Python's lock, so tokenising and padding overlap the device's work."""
-    it = iter(items)
+    done, it = object(), iter(items)
     with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(next, it, _DONE)
-        while (item := ahead.result()) is not _DONE:
-            ahead = pool.submit(next, it, _DONE)
+        ahead = pool.submit(next, it, done)
+        while (item := ahead.result()) is not done:
+            ahead = pool.submit(next, it, done)
             yield item

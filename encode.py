@@ -10,7 +10,6 @@ atomically: a killed run, rerun with the same command, continues after the last 
 normalisation, prefixes and max lengths come from the checkpoint, never from flags. Texts are sorted by length
 within a shard, so each batch pads only to its own longest text; the order is restored on output.
 """
-import sys
 import time
 
 import data
@@ -43,7 +42,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parser.parse_args())
-    except data.InputError as e:
-        sys.exit(f"error: {e}")
+    data.run(main, parser)

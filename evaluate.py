@@ -12,7 +12,6 @@ Exact cosine search (top --k documents a query, ties broken by corpus order; any
 """
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -111,7 +110,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parser.parse_args())
-    except data.InputError as e:
-        sys.exit(f"error: {e}")
+    data.run(main, parser)

@@ -93,24 +93,14 @@ def accuracy(q, d, group_size, offset=0, rows=1024):
 #             recomputed per tile; dq += P @ d_tile, dd_tile += P.T @ q_rows (two matmuls a tile); the one-hot
 #             target term is subtracted once, outside the loop.
 # Peak extra memory: one tile, instead of the (B, N) logits, their softmax and their gradient.
-# The matmuls run in the inputs' precision (bf16 tensor cores on a GPU) with float32 results where PyTorch offers
-# that (CUDA), else on float32 copies; the elementwise work of a tile (scale, mask, exp, logsumexp) is one
+# The matmuls run in the inputs' precision with a float32 result where PyTorch offers it (half precision on CUDA:
+# tensor cores), else on float32 copies; the elementwise work of a tile (scale, mask, exp, logsumexp) is one
 # compiled function, so it reads the tile once.
 
-@functools.cache
-def _mm_float32_out(device_type):
-    """Whether this build multiplies half-precision matrices into a float32 result (torch.mm(out_dtype=...))."""
-    try:
-        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (NotImplementedError, RuntimeError, TypeError):
-        return False
-
-
 def _mm(a, b):
-    """a @ b in at least float32, fast for half-precision inputs where the device allows."""
-    if a.dtype in (torch.bfloat16, torch.float16) and _mm_float32_out(a.device.type):
-        return torch.mm(a, b.to(a.dtype), out_dtype=torch.float32)
+    """a @ b in at least float32."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b.to(a.dtype), out_dtype=torch.float32)  # PyTorch >= 2.8
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     return a.to(dtype) @ b.to(dtype)
 

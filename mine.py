@@ -15,7 +15,6 @@ format with ids and scores: {"qid", "query", "pos", "pos_ids", "pos_scores", "ne
 """
 import random
 import shutil
-import sys
 
 import numpy as np
 import torch
@@ -113,7 +112,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parser.parse_args())
-    except data.InputError as e:
-        sys.exit(f"error: {e}")
+    data.run(main, parser)

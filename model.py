@@ -16,13 +16,13 @@ files when present (all-MiniLM-L6-v2: mean pooling, normalize, 256 tokens), else
 import datetime
 import json
 import os
+import re
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer  # the modeling code is imported only for non-BERT models
@@ -31,7 +31,6 @@ from data import InputError, background
 
 SETTINGS = "biencoder.json"
 DEFAULTS = dict(pooling="cls", normalize=True, query_prefix="", doc_prefix="", query_max_len=512, passage_max_len=512)
-POOLINGS = ("cls", "mean", "last")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -43,17 +42,14 @@ def default_model():
 def setup(name="auto"):
     """This process's device and, under torchrun, its process group -> (device, rank, world).
     "cuda" is this rank's GPU (LOCAL_RANK); the backend follows the device: NCCL for cuda, gloo for cpu."""
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    except RuntimeError:
-        raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: no GPU is visible to PyTorch; use --device cpu")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
         torch.cuda.set_device(device)  # so that RNG states, allocations and NCCL all use this GPU
-    elif device.type != "cpu":
-        raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if "RANK" not in os.environ:
         return device, 0, 1
     if not dist.is_initialized():  # a generous timeout: rank 0 saving a large checkpoint keeps the others waiting
@@ -62,34 +58,32 @@ def setup(name="auto"):
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def read_settings(path):
-    """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files, else DEFAULTS."""
-    s, file = dict(DEFAULTS), lambda name: os.path.join(path, name)
-    if os.path.isfile(file(SETTINGS)):
-        return {**s, **read_json(file(SETTINGS))}
-    if os.path.isfile(file("modules.json")):
-        modules = read_json(file("modules.json"))
-        s["normalize"] = any(m["type"].endswith("Normalize") for m in modules)
-        for m in modules:
-            if m["type"].endswith("Pooling"):
-                pool = read_json(os.path.join(path, m["path"], "config.json"))
-                s["pooling"] = ("mean" if pool.get("pooling_mode_mean_tokens") else
-                                "last" if pool.get("pooling_mode_lasttoken") else "cls")
-    if os.path.isfile(file("sentence_bert_config.json")):
-        max_len = read_json(file("sentence_bert_config.json")).get("max_seq_length")
-        s["query_max_len"] = s["passage_max_len"] = max_len or s["passage_max_len"]
-    if os.path.isfile(file("config_sentence_transformers.json")):
-        prompts = read_json(file("config_sentence_transformers.json")).get("prompts") or {}
-        s["query_prefix"], s["doc_prefix"] = prompts.get("query", ""), prompts.get("document", "")
-    return s
-
-
 def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e}); the model folder is damaged") from None
+
+
+def read_settings(path):
+    """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files, else DEFAULTS."""
+    file = lambda name: os.path.join(path, name)
+    if os.path.isfile(file(SETTINGS)):
+        return {**DEFAULTS, **read_json(file(SETTINGS))}
+    s, modules = dict(DEFAULTS), read_json(file("modules.json")) if os.path.isfile(file("modules.json")) else []
+    s["normalize"] = any(m["type"].endswith("Normalize") for m in modules) if modules else s["normalize"]
+    for m in modules:
+        if m["type"].endswith("Pooling"):
+            pool = read_json(os.path.join(path, m["path"], "config.json"))
+            s["pooling"] = ("mean" if pool.get("pooling_mode_mean_tokens") else
+                            "last" if pool.get("pooling_mode_lasttoken") else "cls")
+    if os.path.isfile(file("sentence_bert_config.json")):
+        s["query_max_len"] = s["passage_max_len"] = read_json(file("sentence_bert_config.json"))["max_seq_length"]
+    if os.path.isfile(file("config_sentence_transformers.json")):
+        prompts = read_json(file("config_sentence_transformers.json")).get("prompts") or {}
+        s["query_prefix"], s["doc_prefix"] = prompts.get("query", ""), prompts.get("document", "")
+    return s
 
 
 # ------------------------------------------------------------------------------------------------ BERT
@@ -106,9 +100,9 @@ HF_NAMES = {"word": "embeddings.word_embeddings", "position": "embeddings.positi
 def hf_names(name):
     """"layers.3.qkv.weight" -> ["encoder.layer.3.attention.self.query.weight", ... key, value]."""
     *layer, module, param = name.split(".")
-    prefix = f"encoder.layer.{layer[1]}." if layer else ""
     theirs = HF_NAMES[module]
-    return [f"{prefix}{t}.{param}" for t in ((theirs,) if isinstance(theirs, str) else theirs)]
+    return [f"{'encoder.layer.' + layer[1] + '.' if layer else ''}{t}.{param}"
+            for t in ((theirs,) if isinstance(theirs, str) else theirs)]
 
 
 class Bert(nn.Module):
@@ -153,21 +147,12 @@ class Bert(nn.Module):
         if not (config.model_type == "bert" and config.hidden_act == "gelu" and not config.is_decoder
                 and getattr(config, "position_embedding_type", "absolute") == "absolute" and os.path.isfile(file)):
             return None
+        model = Bert(config)
         try:
             hf = {k.removeprefix("bert."): v for k, v in load_file(file).items()}  # BertFor*: "bert." prefixes
-        except (SafetensorError, OSError) as e:
-            raise InputError(f"{file}: cannot read the weights ({e}); the file is damaged or truncated") from None
-        model = Bert(config)
-        ours = {}
-        for name, param in model.state_dict().items():
-            missing = [n for n in hf_names(name) if n not in hf]
-            if missing:
-                raise InputError(f"{file}: no weight {missing[0]}: not a complete BERT checkpoint")
-            ours[name] = torch.cat([hf.pop(n) for n in hf_names(name)])
-            if ours[name].shape != param.shape:
-                raise InputError(f"{file}: {hf_names(name)[0]} has shape {tuple(ours[name].shape)}, the config "
-                                 f"says {tuple(param.shape)}")
-        model.load_state_dict(ours)
+            model.load_state_dict({k: torch.cat([hf.pop(n) for n in hf_names(k)]) for k in model.state_dict()})
+        except Exception as e:  # a truncated file, a missing weight, a shape the config does not give
+            raise InputError(f"{file}: not a complete BERT checkpoint of its config.json ({e})") from None
         model.unused = hf
         return model
 
@@ -176,9 +161,8 @@ class Bert(nn.Module):
         self.config.architectures = ["BertModel"]
         self.config.save_pretrained(path)
         tensors = dict(self.unused)
-        for name, param in self.state_dict().items():
-            names = hf_names(name)
-            tensors.update(zip(names, (t.clone() for t in param.chunk(len(names)))))  # clone: no shared storage
+        for name, param in self.state_dict().items():  # clone: safetensors refuses views of one storage
+            tensors.update(zip(hf_names(name), (t.clone() for t in param.chunk(len(hf_names(name))))))
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -189,15 +173,14 @@ def load_encoder(path, attention_dropout=None):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") from None
-    if attention_dropout is not None:
-        names = [n for n in ("attention_probs_dropout_prob", "attention_dropout") if hasattr(config, n)]
-        if not names:
-            raise InputError(f"--attention_dropout: the config of {path} has no attention dropout setting")
-        for name in names:
-            setattr(config, name, attention_dropout)
+    names = [n for n in ("attention_probs_dropout_prob", "attention_dropout") if hasattr(config, n)]
+    if attention_dropout is not None and not names:
+        raise InputError(f"--attention_dropout: the config of {path} has no attention dropout setting")
+    for name in names if attention_dropout is not None else []:
+        setattr(config, name, attention_dropout)
     model = Bert.load(path, config)
     if model is None:
-        from transformers import AutoModel
+        from transformers import AutoModel  # imported here only: seconds of imports that a BERT never needs
         model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa")
     return model
 
@@ -209,10 +192,9 @@ class BiEncoder(nn.Module):
         super().__init__()
         if not os.path.isdir(path):
             raise InputError(f"--model {path}: not a folder (nothing is downloaded; give a local Hugging Face folder)")
-        self.settings = read_settings(path)
-        self.settings.update({k: v for k, v in overrides.items() if v is not None})
-        if self.settings["pooling"] not in POOLINGS:
-            raise InputError(f"unknown pooling {self.settings['pooling']!r}; choose one of {POOLINGS}")
+        self.settings = {**read_settings(path), **{k: v for k, v in overrides.items() if v is not None}}
+        if self.settings["pooling"] not in ("cls", "mean", "last"):
+            raise InputError(f"unknown pooling {self.settings['pooling']!r}; choose cls, mean or last")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:  # decoder models (last-token pooling) often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -230,33 +212,28 @@ class BiEncoder(nn.Module):
     def tokenize(self, texts, kind, padding=True):
         """Prefix and tokenize texts ("query" or "doc"), truncated to their max length: (B, L) tensors padded to
         the longest, or with padding=False lists of ids (to sort by length and pad later with tokenizer.pad)."""
-        s = self.settings
-        prefix, max_len = ((s["query_prefix"], s["query_max_len"]) if kind == "query" else
-                           (s["doc_prefix"], s["passage_max_len"]))
+        prefix, max_len = (self.settings[k] for k in (("query_prefix", "query_max_len") if kind == "query" else
+                                                      ("doc_prefix", "passage_max_len")))
         return self.tokenizer([prefix + t for t in texts], padding=padding, truncation=True, max_length=max_len,
                               return_tensors="pt" if padding else None, return_token_type_ids=False)
 
     def forward(self, batch, kind):
         """batch: the tokenizer's input_ids and attention_mask (B, L), best still on the CPU -> embeddings (B, D)."""
         encoder = self.query_encoder if (kind == "query" and self.separate) else self.encoder
-        device = self.encoder.word.weight.device if isinstance(self.encoder, Bert) else self.encoder.device
-        mask = batch["attention_mask"]  # (B, L), 1 for real tokens
-        padded = not bool(mask.all())  # decided on the CPU, where the tokenizer made it: no wait for the GPU
-        ids, mask = batch["input_ids"].to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        device = next(self.parameters()).device
+        padded = not bool(batch["attention_mask"].all())  # decided on the CPU: no wait for the GPU
+        ids, mask = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask"))  # (B, L)
         hidden = encoder(input_ids=ids, attention_mask=mask if padded else None)  # (B, L, H)
         hidden = hidden if torch.is_tensor(hidden) else hidden.last_hidden_state
-        pooling = self.settings["pooling"]
-        if pooling == "cls":
+        if self.settings["pooling"] == "cls":
             emb = hidden[:, 0]
-        elif pooling == "mean":
+        elif self.settings["pooling"] == "mean":
             m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
             emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         else:  # "last": the last real token; with left padding that is always position -1
             last = torch.full_like(mask[:, 0], mask.shape[1] - 1) if bool(mask[:, -1].all()) else mask.sum(1) - 1
             emb = hidden[torch.arange(hidden.shape[0], device=device), last]
-        if self.settings["normalize"]:
-            emb = F.normalize(emb.float(), dim=-1)  # normalise in float32 even under autocast
-        return emb
+        return F.normalize(emb.float(), dim=-1) if self.settings["normalize"] else emb  # in float32, even in bf16
 
     @torch.inference_mode()
     def encode(self, texts, kind, batch_size=None, progress=None):
@@ -271,12 +248,10 @@ class BiEncoder(nn.Module):
         order = np.argsort([-len(t) for t in tokens], kind="stable")
         out = torch.empty(len(texts), self.dim, dtype=torch.float32, device=device)
 
-        def batches():
-            for i in range(0, len(order), batch_size):
-                idx = order[i:i + batch_size]
-                batch = self.tokenizer.pad({"input_ids": [tokens[j] for j in idx]}, return_tensors="pt")
-                yield idx, {k: v.pin_memory() if device.type == "cuda" else v for k, v in batch.items()}
-        for idx, batch in background(batches()):
+        def pad(idx):  # runs in the background thread; pinned memory lets the copy to a GPU run asynchronously
+            batch = self.tokenizer.pad({"input_ids": [tokens[j] for j in idx]}, return_tensors="pt")
+            return idx, {k: v.pin_memory() if device.type == "cuda" else v for k, v in batch.items()}
+        for idx, batch in background(pad(order[i:i + batch_size]) for i in range(0, len(order), batch_size)):
             out[torch.from_numpy(idx).to(device)] = self(batch, kind).float()
             if bar is not None:
                 bar.update(len(idx))
@@ -287,32 +262,24 @@ class BiEncoder(nn.Module):
     def save(self, path):
         """Hugging Face weights + tokenizer, biencoder.json, and the sentence-transformers files, so that
         SentenceTransformer(path) gives the same document vectors (queries: prompt_name="query")."""
-        os.makedirs(path, exist_ok=True)
         for encoder, folder in ((self.encoder, path), (self.query_encoder, os.path.join(path, "query_tower"))):
             if encoder is not None:
                 encoder.save(folder) if isinstance(encoder, Bert) else encoder.save_pretrained(folder)
         self.tokenizer.save_pretrained(path)
         s = self.settings
-
-        def dump(name, obj):
+        modules = [("Transformer", ""), ("Pooling", "1_Pooling")] + [("Normalize", "2_Normalize")] * s["normalize"]
+        pooling = {f"pooling_mode_{m}": s["pooling"] == p for m, p in (("cls_token", "cls"), ("mean_tokens", "mean"),
+                                                                       ("lasttoken", "last"))}
+        for name, obj in {SETTINGS: s, "sentence_bert_config.json": {"max_seq_length": s["passage_max_len"]},
+                          "modules.json": [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers."
+                                            f"models.{t}"} for i, (t, p) in enumerate(modules)],
+                          "1_Pooling/config.json": {"word_embedding_dimension": self.dim, **pooling},
+                          "config_sentence_transformers.json": {"prompts": {"query": s["query_prefix"], "document":
+                                                                s["doc_prefix"]}, "similarity_fn_name": "cosine"}
+                          }.items():
             os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
             with open(os.path.join(path, name), "w") as f:
                 json.dump(obj, f, indent=2)
-        dump(SETTINGS, s)
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-        if s["normalize"]:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                            "type": "sentence_transformers.models.Normalize"})
-            os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
-        dump("modules.json", modules)
-        dump("sentence_bert_config.json", {"max_seq_length": s["passage_max_len"], "do_lower_case": False})
-        dump("1_Pooling/config.json", {"word_embedding_dimension": self.dim, "pooling_mode_cls_token": s["pooling"] ==
-                                       "cls", "pooling_mode_mean_tokens": s["pooling"] == "mean",
-                                       "pooling_mode_lasttoken": s["pooling"] == "last"})
-        dump("config_sentence_transformers.json", {"prompts": {"query": s["query_prefix"],
-                                                               "document": s["doc_prefix"]},
-                                                   "default_prompt_name": None, "similarity_fn_name": "cosine"})
 
 
 def for_inference(path, device, dtype, **overrides):

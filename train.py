@@ -21,7 +21,6 @@ import os
 import resource
 import shutil
 import signal
-import sys
 import time
 
 import torch
@@ -407,7 +406,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parser.parse_args())
-    except data.InputError as e:
-        sys.exit(f"error: {e}")
+    data.run(main, parser)

@@ -244,8 +244,8 @@ def bad_input_cases(tmp_path):
     (emb / "meta.json").write_text(json.dumps({"shards": ["corpus.00000"]}))
     return [  # (case, command, what the one-line error must name)
         ("malformed json line", ["train.py", "--train_data", tmp_path / "malformed.jsonl"], "malformed.jsonl:2"),
-        ("line without query", ["train.py", "--train_data", tmp_path / "no_query.jsonl"], "no_query.jsonl:1: missing 'query'"),
-        ("line without pos", ["train.py", "--train_data", tmp_path / "no_pos.jsonl"], "no_pos.jsonl:2: missing 'pos'"),
+        ("line without query", ["train.py", "--train_data", tmp_path / "no_query.jsonl"], "no_query.jsonl:1: 'query' must be a non-empty string"),
+        ("line without pos", ["train.py", "--train_data", tmp_path / "no_pos.jsonl"], "no_pos.jsonl:2: 'pos' must be a list"),
         ("empty text", ["train.py", "--train_data", tmp_path / "empty_text.jsonl"], "empty_text.jsonl:1"),
         ("unknown id in qrels", ["evaluate.py", "--dataset", beir, "--split", "test"], "'d404'"),
         ("missing file", ["train.py", "--train_data", tmp_path / "nope.jsonl"], "nope.jsonl: file not found"),
