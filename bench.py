@@ -31,7 +31,6 @@ parser.add_argument("--quick", action="store_true", help="CPU-sized settings")
 parser.add_argument("--reps", type=int, default=3, help="repetitions (medians reported)")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement
 
-
 def child(s):
     """One measurement in this fresh process: s["steps"] calls (the first warms up), then a RESULT line."""
     import torch
@@ -76,7 +75,6 @@ def child(s):
     print("RESULT " + json.dumps({"seconds": seconds, "per_s": s.get("n", 1) / seconds, "peak_gb": peak(),
                                   "extra_gb": peak() - base}))
 
-
 def compare(what, sides, reps, keys, **settings):
     """Run each side's command (a function of the repetition -> (command, train.py's log or None)) reps times, the
     sides taking turns, the last being the baseline; print the medians of each measure in keys."""
@@ -101,7 +99,6 @@ def compare(what, sides, reps, keys, **settings):
                           "ratio": o / b if key == "per_s" else b / o, **settings}), flush=True)
     return res
 
-
 def workload(args, cuda, tmp):
     """(model folder, train rows, docs, queries, sizes) of the GPU setting, or of the CPU one (--quick)."""
     from model import Bert, default_model
@@ -121,7 +118,6 @@ def workload(args, cuda, tmp):
             for q in sorted(qrels)[:3 * 64]]
     return default_model(), rows, [corpus[i] for i in ids[:500]], [r["query"] for r in rows[:60]], \
         dict(batch=64, chunk=16, steps=3, max_len=256, encode_batch=32)
-
 
 def main(args):
     if args.child:

@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 class InputError(Exception):
     """A user's mistake: printed as one line `error: ...`, exit status 1."""
 
-
 def run(main, parser):
     """A stage's entry point: main(flags), a user's mistake ending it with one line `error: ...`."""
     try:
@@ -49,7 +48,6 @@ COMMON = {  # flags several stages take, declared once; each stage picks its own
     "out": dict(help="output path"),
 }
 
-
 def parser(doc, **defaults):
     """A stage's parser with the shared flags named in defaults (flag=default; ... = required). A wrong flag ends
     the script with one line `error: ...` and exit status 1, like every other user mistake."""
@@ -58,7 +56,6 @@ def parser(doc, **defaults):
         p.add_argument(f"--{name}", default=default, required=default is ..., **COMMON[name])
     p.error = lambda message: sys.exit(f"error: {message}")
     return p
-
 
 def int_range(text):
     """A START-END flag value -> (start, end), 0 <= start < end (an argparse type)."""
@@ -88,14 +85,11 @@ def atomic_write(path, write_fn, mode="w"):
             os.remove(tmp)
         raise
 
-
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
-
 def write_jsonl(path, rows):
     atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
 
 def read_lines(path):
     """Yield (line number, line) for each non-empty line of a UTF-8 text file (a byte-order mark is skipped)."""
@@ -110,7 +104,6 @@ def read_lines(path):
         except UnicodeDecodeError:
             raise InputError(f"{path}:{n + 1}: not UTF-8 text") from None
 
-
 def read_jsonl(path):
     """Yield (line number, dict) for each non-empty line; a malformed line raises InputError naming it."""
     for n, line in read_lines(path):
@@ -121,7 +114,6 @@ def read_jsonl(path):
         if not isinstance(row, dict):
             raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         yield n, row
-
 
 def read_ids(path, known):
     """Sorted query ids from a file (one a line), each of which must be in `known` (e.g. the qrels)."""
@@ -151,10 +143,8 @@ def load_dataset(ref, split=None):
                              f"{next(d for d in docs if d not in corpus)!r}, which is not in the corpus")
     return corpus, {q: t for q, t in queries.items() if q in qrels} if qrels else queries, qrels
 
-
 def _doc_text(title, text):
     return ((title or "") + " " + (text or "")).strip()
-
 
 def _load_beir_folder(folder, split):
     if not split:
@@ -168,7 +158,6 @@ def _load_beir_folder(folder, split):
                 raise InputError(f"{path}:{n}: each line needs an '_id' and a non-empty 'text' (or 'title')")
             texts[str(row["_id"])] = text
     return corpus, queries, read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
-
 
 def read_qrels(path):
     """BEIR qrels tsv (`query-id corpus-id score`, header optional) or TREC qrels (`qid 0 docid grade`)."""
@@ -186,7 +175,6 @@ def read_qrels(path):
 # ir_datasets downloads a BEIR set into $IR_DATASETS_HOME (default ~/.ir_datasets) as beir/<name>/source.zip.
 # Where the project's data mirror sits beside the checkout (offline machines, CI), its zip is copied there instead.
 MIRROR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "ir_datasets")
-
 
 def _load_ir_datasets(dataset_id):
     home = os.environ.get("IR_DATASETS_HOME") or os.path.expanduser("~/.ir_datasets")
@@ -237,7 +225,6 @@ def read_train_jsonl(path):
         raise InputError(f"{path}: no examples")
     return examples
 
-
 def examples_from_qrels(corpus, queries, qrels):
     """Train examples from a dataset's qrels: every document with grade > 0 is a positive; no negatives
     (training then uses in-batch negatives only)."""
@@ -245,13 +232,11 @@ def examples_from_qrels(corpus, queries, qrels):
     return [{"qid": qid, "query": queries[qid], "pos": [corpus[d] for d in pos], "pos_ids": pos, "neg": [],
              "neg_ids": []} for qid, pos in positives.items() if pos]
 
-
 def doc_keys(ex, kind, use_ids):
     """Keys of an example's positives or negatives: stable 63-bit hashes (Python's hash() changes between
     processes) of the ids when the data has them, else of the texts."""
     return [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 1
             for s in (ex.get(f"{kind}_ids", []) if use_ids else ex[kind])]
-
 
 def sample_group(ex, group_size, seed, epoch, index):
     """One positive and group_size - 1 negatives for example `index` in `epoch`, drawn from (seed, epoch, index)
@@ -261,13 +246,11 @@ def sample_group(ex, group_size, seed, epoch, index):
     pos = rng.randrange(len(ex["pos"]))
     return pos, rng.sample(range(n), k) if n >= k else [rng.randrange(n) for _ in range(k)]
 
-
 def epoch_order(n, seed, epoch):
     """The order of the n examples in an epoch: a permutation from (seed, epoch)."""
     order = list(range(n))
     random.Random(f"{seed}/order/{epoch}").shuffle(order)
     return order
-
 
 def background(items):
     """Iterate over items, the next one made in a background thread while the caller works on this one: the

@@ -22,7 +22,6 @@ parser.add_argument("--max_len", type=int, default=None, help="override the chec
 parser.add_argument("--store", default="fp16", choices=["fp16", "fp32"], help="dtype of the saved .npy files")
 parser.add_argument("--shard_size", type=int, default=1_000_000, help="documents a shard")
 
-
 def main(args):
     device, rank, world = setup(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -39,7 +38,6 @@ def main(args):
         seconds = time.time() - t0
         print(f"encoded {len(corpus)} docs + {len(q_ids)} queries in {seconds:.1f}s "
               f"({(len(corpus) + len(q_ids)) / seconds:.1f} texts/s) -> {args.out}")
-
 
 if __name__ == "__main__":
     data.run(main, parser)

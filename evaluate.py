@@ -21,17 +21,13 @@ from model import default_model, for_inference, setup
 
 parser = data.parser(__doc__, model=None, dataset="beir/scifact/test", split=None, queries=None, batch_size=None,
                      dtype=None, device="auto", out=None)
-parser.add_argument("--emb", default=None, help="an encode.py output folder, instead of --model")
-parser.add_argument("--index", default="Flat", help="faiss index_factory string (inner product); Flat = exact")
+parser.add_argument("--emb", help="an encode.py output folder, instead of --model")
+parser.add_argument("--index", default="Flat", help="faiss index_factory string (inner product); Flat: exact")
 parser.add_argument("--k", type=int, default=1000, help="documents retrieved a query")
-parser.add_argument("--dim", type=int, default=None, help="score the first DIM dimensions only, re-normalised "
-                                                          "(Matryoshka)")
-parser.add_argument("--ignore_identical_ids", action="store_true", help="drop a document whose id equals the "
-                                                                        "query id (some BEIR sets, e.g. Quora)")
+parser.add_argument("--dim", type=int, help="score the first DIM dimensions only, re-normalised (Matryoshka)")
+parser.add_argument("--ignore_identical_ids", action="store_true", help="drop a document whose id is the query's")
 parser.add_argument("--tag", default="biencoder", help="the run's name in run.trec")
-parser.add_argument("--compare", nargs="+", default=None, help="evaluate.py --out folders: each one's differences "
-                                                               "to the first, paired t-test over queries")
-
+parser.add_argument("--compare", nargs="+", help="evaluate.py --out folders: differences to the first, paired t-test")
 
 def compare(folders):
     """Differences of each run to the first, per measure, with a paired t-test over the common queries."""
@@ -52,15 +48,6 @@ def compare(folders):
             p = ttest_rel(b, a).pvalue if np.any(a != b) else 1.0
             print(f"  {m:<11} {a.mean():.4f} -> {b.mean():.4f}  diff {b.mean() - a.mean():+.4f}  paired t-test "
                   f"p = {p:.3g}")
-
-
-def write_trec(path, run, tag):
-    def write(f):
-        for qid, docs in run.items():
-            for rank, (did, s) in enumerate(retrieval.ranked(docs), 1):
-                f.write(f"{qid} Q0 {did} {rank} {s:.6f} {tag}\n")
-    data.atomic_write(path, write)
-
 
 def main(args):
     if args.compare:
@@ -101,13 +88,14 @@ def main(args):
     for m in ("ndcg@10", "recall@100", "mrr@10", "map", "ndcg@100", "recall@1000"):
         print(f"  {m:<12} {means[m]:.4f}")
     if args.out:
-        write_trec(os.path.join(args.out, "run.trec"), run, args.tag)
+        data.atomic_write(os.path.join(args.out, "run.trec"), lambda f: f.writelines(
+            f"{qid} Q0 {did} {rank} {s:.6f} {args.tag}\n" for qid, docs in run.items()
+            for rank, (did, s) in enumerate(retrieval.ranked(docs), 1)))
         data.write_json(os.path.join(args.out, "metrics.json"), {
             "dataset": args.dataset, "split": args.split, "model": model_name, "index": args.index, "k": args.k,
             "dim": args.dim, **{m: round(v, 6) if isinstance(v, float) else v for m, v in means.items()},
             "per_query": per_query})
     return means
-
 
 if __name__ == "__main__":
     data.run(main, parser)

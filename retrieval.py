@@ -26,7 +26,6 @@ def save_embeddings(folder, name, ids, emb, store="fp16"):
     data.atomic_write(os.path.join(folder, f"{name}.npy"), lambda f: np.save(f, emb), mode="wb")
     data.atomic_write(os.path.join(folder, f"{name}.ids.txt"), lambda f: f.writelines(i + "\n" for i in ids))
 
-
 def load_embeddings(folder, name, mmap=False):
     """(ids, matrix) of one file pair: float32, or memory-mapped as stored with mmap. A missing file, a foreign
     file or a count mismatch is an InputError."""
@@ -43,7 +42,6 @@ def load_embeddings(folder, name, mmap=False):
     if emb.ndim != 2 or emb.shape[0] != len(ids) or emb.dtype.kind != "f":
         raise data.InputError(f"{npy}: shape {emb.shape} ({emb.dtype}) does not match the {len(ids)} ids in {txt}")
     return ids, emb if mmap else emb.astype(np.float32)
-
 
 def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_size=None, rank=0, world=1):
     """Embed corpus {id: text} into folder/corpus.NNNNN.npy + .ids.txt, shard_size documents a shard, rank r of
@@ -117,18 +115,15 @@ def _keys(scores, first):
     b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
     return (b << 32) | (0xFFFFFFFF - torch.arange(first, first + scores.shape[1], device=scores.device))
 
-
 def _unkeys(keys):
     """The inverse of _keys: (scores, columns)."""
     b = keys >> 32
     b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
     return b.to(torch.int32).view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
 
-
 def unit(x):
     """Rows scaled to unit length, so that inner product is cosine (as MTEB scores)."""
     return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
-
 
 @torch.inference_mode()
 def search(q, shards, k, device="cpu", rows=1024, cols=65536):
@@ -151,7 +146,6 @@ def search(q, shards, k, device="cpu", rows=1024, cols=65536):
     scores, idx = _unkeys(best)
     return scores.cpu().numpy(), idx.cpu().numpy()
 
-
 def faiss_search(q, d, k, index):
     """Approximate search through a faiss index_factory string (e.g. "HNSW32", "IVF1024,Flat"), inner product on
     unit vectors -> (scores, rows) as search returns them; -1 pads a short result."""
@@ -173,7 +167,6 @@ def ranked(docs):
     """[(doc_id, score)] by score, then by id: the one order used for truncation, MRR@10 and run.trec."""
     return sorted(docs.items(), key=lambda x: (-x[1], x[0]))
 
-
 def to_run(q_ids, d_ids, scores, idx, k, ignore_identical_ids=False):
     """Search results -> run {qid: {doc_id: score}} of the top k each, without -1 padding and, if asked, without a
     document whose id equals the query's (some BEIR sets, e.g. Quora)."""
@@ -183,7 +176,6 @@ def to_run(q_ids, d_ids, scores, idx, k, ignore_identical_ids=False):
                 if j >= 0 and not (ignore_identical_ids and d_ids[j] == qid)}
         run[qid] = dict(ranked(docs)[:k])
     return run
-
 
 def evaluate_run(run, qrels):
     """run {qid: {docid: score}}, qrels {qid: {docid: grade}} -> ({measure: mean}, {qid: {measure: value}}).
@@ -200,13 +192,3 @@ def evaluate_run(run, qrels):
     measures = sorted({m for ms in per_query.values() for m in ms})
     means = {m: sum(ms.get(m, 0.0) for ms in per_query.values()) / len(qrels) for m in measures}
     return means, per_query
-
-
-def evaluate(model, corpus, queries, qrels, k=1000, batch_size=None, progress=None):
-    """Encode the corpus and the qrels' queries with model, search exactly, score -> (means, per_query, run)."""
-    d_ids, q_ids = list(corpus), sorted(qrels)
-    d_emb = model.encode([corpus[i] for i in d_ids], "doc", batch_size, progress)
-    q_emb = model.encode([queries[i] for i in q_ids], "query", batch_size)
-    scores, idx = search(q_emb, [d_emb], k, next(model.parameters()).device)
-    run = to_run(q_ids, d_ids, scores, idx, k)
-    return (*evaluate_run(run, qrels), run)

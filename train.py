@@ -37,32 +37,24 @@ parser.add_argument("--train_data", help="FlagEmbedding jsonl (query, pos, neg, 
 parser.add_argument("--group_size", type=int, help="1 positive + G-1 hard negatives a query (default 2, or 1 if none)")
 parser.add_argument("--query_max_len", type=int, help="query tokens (default: the model's)")
 parser.add_argument("--passage_max_len", type=int, help="document tokens (default: the model's)")
-parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1], help="1: a query's other "
-                    "positives in the batch are not its negatives")
+parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1], help="0: other positives count")
 # model
 parser.add_argument("--pooling", choices=["cls", "mean", "last"], help="default: the model's")
 parser.add_argument("--query_prefix", help="instruction before each query (default: the model's)")
 parser.add_argument("--doc_prefix", help="instruction before each document (default: the model's)")
-parser.add_argument("--attention_dropout", type=float, help="dropout on attention probabilities (default: the "
-                    "model's, 0.1 for BERT; 0 is much faster on a CPU)")
+parser.add_argument("--attention_dropout", type=float, help="on attention probabilities (0: fast on CPU)")
 parser.add_argument("--separate_towers", action="store_true", help="queries get their own copy of the encoder")
 # loss
 parser.add_argument("--temp", type=float, default=0.02, help="InfoNCE temperature (BGE 0.02; ST's scale 20 = 0.05)")
-parser.add_argument("--loss", default="auto", choices=["auto", "reference", "fused"], help="info_nce or "
-                    "fused_info_nce; auto: fused on a GPU once the (B, N) logits exceed 16M entries")
-parser.add_argument("--teacher_temp", type=float, help="add KL(teacher || student) over each group, from the data's "
-                    "pos_scores and neg_scores, teacher softmax at this temperature")
-parser.add_argument("--mrl_dims", type=lambda s: [int(k) for k in s.split(",")], help="Matryoshka: e.g. 384,256,128; "
-                    "the loss summed over truncated, re-normalised prefixes")
+parser.add_argument("--loss", default="auto", choices=["auto", "reference", "fused"], help="auto: fused on big GPUs")
+parser.add_argument("--teacher_temp", type=float, help="distil the data's pos/neg_scores: KL at this temperature")
+parser.add_argument("--mrl_dims", type=lambda s: [int(k) for k in s.split(",")], help="Matryoshka, e.g. 384,256,128")
 # optimisation
-parser.add_argument("--batch_size", type=int, default=128, help="queries a step over all ranks (a last partial "
-                    "batch of an epoch is dropped)")
-parser.add_argument("--chunk_size", type=int, default=-1, help="gradient cache: texts a forward pass; 0: off; -1: 32 "
-                    "on CPU, 256 on GPU")
+parser.add_argument("--batch_size", type=int, default=128, help="queries a step, over all ranks")
+parser.add_argument("--chunk_size", type=int, default=-1, help="texts a forward pass (gradient cache); 0: off")
 parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW)")
 parser.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-parser.add_argument("--warmup", type=float, default=0.1, help="linear warmup, a fraction of all steps if < 1, else "
-                    "steps; then linear decay to 0")
+parser.add_argument("--warmup", type=float, default=0.1, help="linear warmup: a fraction of steps if < 1, else steps")
 parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
 parser.add_argument("--epochs", type=int, default=1, help="passes over the train data")
 parser.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
@@ -71,33 +63,28 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the en
 parser.add_argument("--out_dir", default="runs/train", help="model/, train_state.pt and log.jsonl go here")
 parser.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
 parser.add_argument("--log_every", type=int, default=1, help="print a log line every N steps")
-parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"], help="continue the checkpoint in "
-                    "--out_dir (error if none); auto: if there is one")
+parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"], help="continue --out_dir's "
+                    "checkpoint (auto: if there is one)")
 
 
 # ---------------------------------------------------------------------------------------------------- data
 
 def load_examples(args):
-    """The train examples, checked once against the flags, before the model loads -> (examples, use_ids).
-    Sets args.group_size when it was left to the data."""
-    if args.train_data:
-        examples = data.read_train_jsonl(args.train_data)
-    else:
-        examples = data.examples_from_qrels(*data.load_dataset(args.dataset, args.split))
+    """The train examples, checked against the flags before the model loads -> (examples, whether every one has
+    ids). Sets args.group_size where it was left to the data."""
     source = args.train_data or args.dataset
-    args.group_size = args.group_size or (2 if all(ex["neg"] for ex in examples) else 1)
+    examples = (data.read_train_jsonl(args.train_data) if args.train_data else
+                data.examples_from_qrels(*data.load_dataset(args.dataset, args.split)))
     no_negs = sum(not ex["neg"] for ex in examples)
+    args.group_size = args.group_size or (1 if no_negs else 2)
     if args.group_size > 1 and no_negs:
         raise data.InputError(f"{source}: {no_negs} queries have no negatives but --group_size is "
                               f"{args.group_size}; mine negatives with mine.py or use --group_size 1")
     if args.teacher_temp and not all("pos_scores" in ex and "neg_scores" in ex for ex in examples):
-        raise data.InputError(f"--teacher_temp needs pos_scores and neg_scores in every line of {source} "
-                              f"(mine.py writes them)")
+        raise data.InputError(f"--teacher_temp needs pos_scores and neg_scores in every line of {source}")
     if len(examples) < args.batch_size:
         raise data.InputError(f"--batch_size {args.batch_size} is larger than the {len(examples)} training queries")
-    use_ids = all("pos_ids" in ex and ("neg_ids" in ex or not ex["neg"]) for ex in examples)
-    return examples, use_ids
-
+    return examples, all("pos_ids" in ex and ("neg_ids" in ex or not ex["neg"]) for ex in examples)
 
 def batches(model, examples, use_ids, args, steps, steps_per_epoch, rank, world):
     """The batch of each step as a dict, made from (seed, epoch, step) alone, so that a resumed run sees the same
@@ -149,33 +136,21 @@ def compute_loss(q, d, batch, args):
 
 # ---------------------------------------------------------------------------------------------------- one step
 
-def length_chunks(tokens, chunk_size):
-    """Split a tokenized batch into chunks of similar length, each trimmed to its own longest text.
-    Returns (chunks, order): chunk k holds rows order[k*C:(k+1)*C] of the batch."""
-    mask = tokens["attention_mask"]
-    order = torch.argsort(mask.sum(1), descending=True, stable=True)
-    chunks = []
-    for idx in order.split(chunk_size):
-        keep = mask[idx].any(0)  # columns with a real token in this chunk (left or right padding alike)
-        chunks.append({k: v[idx][:, keep] for k, v in tokens.items()})
-    return chunks, order
-
-
 def rng_state(device):
     """The generators dropout draws from: the CPU's, and the GPU's when training on one."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
 
 def set_rng_state(state, device):
     torch.set_rng_state(state[0])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state[1], device)
 
-
 def embed(model, tokens, kind, chunk_size, ctx, device):
     """Pass 1 of gradient caching: embed all texts chunk by chunk without autograd -> (embeddings in batch order,
     and what pass 2 needs: the chunks, their order, and the RNG state each chunk started from)."""
-    chunks, order = length_chunks(tokens, chunk_size)
+    mask = tokens["attention_mask"]  # (B, L): chunks of similar lengths, each trimmed to its own longest text
+    order = torch.argsort(mask.sum(1), descending=True, stable=True)
+    chunks = [{k: v[idx][:, mask[idx].any(0)] for k, v in tokens.items()} for idx in order.split(chunk_size)]
     states, parts = [], []
     with torch.no_grad():
         for chunk in chunks:
@@ -185,7 +160,6 @@ def embed(model, tokens, kind, chunk_size, ctx, device):
     emb = torch.empty((len(order), parts[0].shape[1]), dtype=parts[0].dtype, device=device)
     emb[order.to(device)] = torch.cat(parts)
     return emb, (chunks, order, states)
-
 
 def replay(model, kind, cache, emb, grad, ctx, device):
     """Pass 2: re-embed each chunk with autograd under the RNG state it had in pass 1 (so dropout draws the same
@@ -200,7 +174,6 @@ def replay(model, kind, cache, emb, grad, ctx, device):
         err = torch.maximum(err, (e.detach().float() - emb.detach()[idx].float()).abs().max())
         e.backward(grad[idx])
     return err
-
 
 def train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device):
     """Forward and backward of one batch; parameter gradients accumulate in .grad. -> (loss, q, d, replay_err)."""
@@ -226,7 +199,6 @@ def train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device):
     set_rng_state(after_pass1, device)  # the next step's dropout continues from where pass 1 left it
     return loss.detach(), q.detach(), d.detach(), err.item()
 
-
 def all_reduce_grads(params):
     """Sum parameter gradients over ranks, once a step after the last chunk: every all-reduce started at once
     (asynchronously, on each gradient in place: no copy), then waited for."""
@@ -245,7 +217,6 @@ def make_optimizer(model, args, total_steps, device):
     warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
     schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
 
 def save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, rank, world):
     """out_dir/model/ (for inference) and out_dir/train_state.pt (for resume: with every rank's RNG state, so that
@@ -269,7 +240,6 @@ def save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, ran
         data.atomic_write(os.path.join(args.out_dir, "train_state.pt"), lambda f: torch.save(state, f), mode="wb")
     if world > 1:
         dist.barrier()  # the others wait here, not inside the next step's collectives
-
 
 def load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, world):
     """Restore out_dir/train_state.pt -> the number of steps it was saved after (0 without one and --resume
@@ -296,7 +266,6 @@ def load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, wor
         data.atomic_write(log_path, lambda f: f.writelines(rows))
         print(f"resumed {path} after step {state['step']}")
     return state["step"]
-
 
 def plot_log(log_path, png):
     """Training curves from log.jsonl: loss, in-batch accuracy and learning rate against the step."""
@@ -403,7 +372,6 @@ def main(args):
         say(f"saved {os.path.join(args.out_dir, 'model')} and train.png")
     if world > 1:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     data.run(main, parser)

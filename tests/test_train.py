@@ -122,12 +122,15 @@ def test_cached_gradient_equals_full_batch_with_pass1_masks(tiny_model):
     assert num / den < 1e-6, num / den  # measured 1.4e-7: float32 summation order
 
 
-def test_length_chunks_trim_padding():
+def test_chunks_are_length_sorted_and_trimmed():
+    import contextlib
     tokens = {"input_ids": torch.tensor([[1, 2, 0, 0], [1, 2, 3, 4], [1, 0, 0, 0]]),
               "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])}
-    chunks, order = train.length_chunks(tokens, 2)
-    assert order.tolist() == [1, 0, 2]
-    assert [c["input_ids"].shape for c in chunks] == [(2, 4), (1, 1)]
+    seen = []
+    stub = lambda chunk, kind: (seen.append(tuple(chunk["input_ids"].shape)), chunk["input_ids"][:, :1].float())[1]
+    emb, (chunks, order, _) = train.embed(stub, tokens, "doc", 2, contextlib.nullcontext(), torch.device("cpu"))
+    assert order.tolist() == [1, 0, 2] and seen == [(2, 4), (1, 1)]
+    assert emb.flatten().tolist() == [1, 1, 1]  # back in batch order
 
 
 def test_attention_dropout_flag(tiny_model, train_file, tmp_path):
