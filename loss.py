@@ -25,6 +25,7 @@ import functools
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 def false_negatives(d_keys, q_pos_keys, targets):
@@ -178,25 +179,12 @@ def fused_info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=Non
 # all-gathered so every query sees all N documents as negatives; each rank computes the loss of ITS queries
 # against ALL documents, scaled by 1/W, so that the sum over ranks is the mean over all B queries (the loss of
 # one process with the whole batch). The gather's backward sums every rank's gradient for a rank's documents
-# (all-reduce, then the rank's slice), and train.py sums (not averages) parameter gradients over ranks. The
-# result equals one process with the whole batch; tests/test_dist.py checks it.
-
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)  # (W * n, D), rank r's rows at [r*n, (r+1)*n)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss depends on every rank's documents: sum their gradients
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+# (a reduce-scatter), and train.py sums (not averages) parameter gradients over ranks. The result equals one
+# process with the whole batch; tests/test_dist.py checks it.
 
 def gather(x):
-    """All-gather along dim 0, differentiably (identity in a single process)."""
+    """All-gather along dim 0, differentiably: (n, D) on each of W ranks -> (W * n, D), rank r's rows at
+    [r*n, (r+1)*n). The identity in a single process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    return torch.cat(dist_nn.all_gather(x))

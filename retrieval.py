@@ -1,9 +1,9 @@
 """Search and score, shared by encode.py, evaluate.py, mine.py and train.py: the embedding files, exact top-k
-search over them (one shard at a time, on the GPU when there is one), and the metrics, from pytrec_eval as
-MTEB and BEIR compute them.
+search over them (a shard at a time, on the GPU when there is one), and the metrics, from pytrec_eval as MTEB and
+BEIR compute them.
 
 Embeddings on disk (encode.py): `corpus.00000.npy` (n, D) + `corpus.00000.ids.txt` (n lines), one pair a shard,
-`queries.npy` + `queries.ids.txt`, and `meta.json` listing the shards.
+`queries.npy` + `queries.ids.txt`, and `meta.json` (the settings, and the shards once all are written).
 """
 import json
 import os
@@ -20,53 +20,45 @@ MEASURES = {"ndcg_cut.1,3,5,10,100,1000", "recall.1,3,5,10,20,50,100,200,500,100
 # ------------------------------------------------------------------------------------------------ files
 
 def save_embeddings(folder, name, ids, emb, store="fp16"):
-    """folder/name.npy (N, D) and folder/name.ids.txt (N lines), each written atomically (the ids last: a
-    shard counts as complete once its ids file exists)."""
+    """folder/name.npy (N, D) and folder/name.ids.txt (N lines), each written atomically, the ids last: a shard is
+    complete once its ids file exists."""
     emb = emb.astype(np.float16 if store == "fp16" else np.float32)
     data.atomic_write(os.path.join(folder, f"{name}.npy"), lambda f: np.save(f, emb), mode="wb")
     data.atomic_write(os.path.join(folder, f"{name}.ids.txt"), lambda f: f.writelines(i + "\n" for i in ids))
 
 def load_embeddings(folder, name, mmap=False):
-    """(ids, matrix) of one file pair: float32, or memory-mapped as stored with mmap. A missing file, a foreign
-    file or a count mismatch is an InputError."""
+    """(ids, matrix) of one file pair: float32, or as stored and memory-mapped. A missing or foreign file, or a
+    count that is not the ids', is an InputError."""
     npy, txt = os.path.join(folder, f"{name}.npy"), os.path.join(folder, f"{name}.ids.txt")
-    for path in (npy, txt):
-        if not os.path.isfile(path):
-            raise data.InputError(f"{path}: file not found (is {folder} an encode.py output folder?)")
     try:
         emb = np.load(npy, allow_pickle=False, mmap_mode="r" if mmap else None)
+        with open(txt, encoding="utf-8") as f:
+            ids = f.read().splitlines()
     except (ValueError, OSError, EOFError) as e:
-        raise data.InputError(f"{npy}: not a readable .npy array ({e})") from None
-    with open(txt, encoding="utf-8") as f:
-        ids = f.read().splitlines()
+        raise data.InputError(f"{npy}: cannot read it ({e}); is {folder} an encode.py output folder?") from None
     if emb.ndim != 2 or emb.shape[0] != len(ids) or emb.dtype.kind != "f":
         raise data.InputError(f"{npy}: shape {emb.shape} ({emb.dtype}) does not match the {len(ids)} ids in {txt}")
     return ids, emb if mmap else emb.astype(np.float32)
 
 def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_size=None, rank=0, world=1):
     """Embed corpus {id: text} into folder/corpus.NNNNN.npy + .ids.txt, shard_size documents a shard, rank r of
-    W taking shards r, r+W, ... A shard whose files are there is kept: a rerun of a killed encoding resumes, and
-    gives the files an uninterrupted run would. meta (the encoding's settings) is checked against the folder's
-    meta.json first, then written to it with the list of shards once all ranks are done."""
+    W taking shards r, r+W, ... A shard whose files are there is kept, so a rerun of a killed encoding resumes and
+    gives the files of an uninterrupted run. meta (the settings) must match the folder's meta.json, if any."""
     ids, path = list(corpus), os.path.join(folder, "meta.json")
     meta = {**meta, "count": len(ids), "shard_size": shard_size, "store": store}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = {k: v for k, v in json.load(f).items() if k in meta}
-        if old != meta:
-            changed = next(k for k in meta if old.get(k) != meta[k])
-            raise data.InputError(f"{path}: this folder holds an encoding with {changed} {old.get(changed)!r}, not "
-                                  f"{meta[changed]!r}; give another folder, or delete it")
-    elif rank == 0:
+    old = read_meta(folder) if os.path.isfile(path) else meta
+    changed = [k for k in meta if old.get(k) != meta[k]]
+    if changed:
+        raise data.InputError(f"{path}: this folder holds an encoding with {changed[0]} {old.get(changed[0])!r}, "
+                              f"not {meta[changed[0]]!r}; give another folder, or delete it")
+    if rank == 0 and not os.path.isfile(path):
         data.write_json(path, meta)  # before any shard: a rerun can tell whose shards these are
-    starts = range(0, len(ids), shard_size)
-    names = [f"corpus.{s:05d}" for s in range(len(starts))]
-    todo = [s for s in range(rank, len(starts), world) if not os.path.isfile(os.path.join(folder, names[s] +
-                                                                                           ".ids.txt"))]
-    bar = tqdm(total=sum(len(ids[starts[s]:starts[s] + shard_size]) for s in todo), desc="encode corpus",
+    names = [f"corpus.{s:05d}" for s in range((len(ids) + shard_size - 1) // shard_size)]
+    todo = [s for s in range(rank, len(names), world) if not os.path.isfile(f"{folder}/{names[s]}.ids.txt")]
+    bar = tqdm(total=sum(len(ids[s * shard_size:(s + 1) * shard_size]) for s in todo), desc="encode corpus",
                unit="doc", disable=rank != 0, mininterval=2)
     for s in todo:
-        part = ids[starts[s]:starts[s] + shard_size]
+        part = ids[s * shard_size:(s + 1) * shard_size]
         save_embeddings(folder, names[s], part, model.encode([corpus[i] for i in part], "doc", batch_size, bar), store)
     bar.close()
     if world > 1:
@@ -75,31 +67,29 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
         data.write_json(path, {**meta, "shards": names})
     return names
 
+def read_meta(folder):
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise data.InputError(f"{folder}/meta.json: cannot read it ({e}); is {folder} an encode.py folder?") from None
 
 class Shards:
-    """The corpus of an encode.py folder: its ids, and its vectors memory-mapped, read a shard at a time
-    (iteration, for search) or by row (rows(...), e.g. the positives' vectors in mining)."""
+    """The corpus of an encode.py folder: its ids and its vectors, memory-mapped; read a shard at a time by
+    iterating (search), or by row (rows(), e.g. the positives' vectors in mining)."""
 
     def __init__(self, folder):
-        path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(path):
-            raise data.InputError(f"{path}: file not found (is {folder} an encode.py output folder?)")
-        with open(path, encoding="utf-8") as f:
-            self.meta = json.load(f)
+        self.meta = read_meta(folder)
         if "shards" not in self.meta:
             raise data.InputError(f"{folder}: an unfinished encoding; rerun the same encode.py command to finish it")
-        self.ids, self.mats = [], []
-        for name in self.meta["shards"]:
-            ids, emb = load_embeddings(folder, name, mmap=True)
-            self.ids += ids
-            self.mats.append(emb)
+        parts = [load_embeddings(folder, name, mmap=True) for name in self.meta["shards"]]
+        self.ids, self.mats = [i for ids, _ in parts for i in ids], [m for _, m in parts]
         self.first = np.cumsum([0] + [len(m) for m in self.mats])  # the first row of each shard
 
     def __iter__(self):
-        return (np.array(m, dtype=np.float32) for m in self.mats)  # a copy in memory, one shard at a time
+        return (np.array(m, dtype=np.float32) for m in self.mats)  # each a copy in memory, one at a time
 
     def rows(self, rows):
-        """(len(rows), D) float32 vectors of these rows of the concatenated corpus."""
         shard = np.searchsorted(self.first, rows, side="right") - 1
         return np.stack([self.mats[s][r - self.first[s]] for s, r in zip(shard, rows)]).astype(np.float32)
 
@@ -153,8 +143,7 @@ def faiss_search(q, d, k, index):
     q, d = (np.ascontiguousarray(unit(torch.as_tensor(x, dtype=torch.float32)).numpy()) for x in (q, d))
     try:
         idx = faiss.index_factory(d.shape[1], index, faiss.METRIC_INNER_PRODUCT)
-        if not idx.is_trained:
-            idx.train(d)
+        idx.train(d)
     except RuntimeError as e:
         raise data.InputError(f"--index {index!r}: faiss refused it ({str(e).strip().splitlines()[-1]})") from None
     idx.add(d)
@@ -170,12 +159,9 @@ def ranked(docs):
 def to_run(q_ids, d_ids, scores, idx, k, ignore_identical_ids=False):
     """Search results -> run {qid: {doc_id: score}} of the top k each, without -1 padding and, if asked, without a
     document whose id equals the query's (some BEIR sets, e.g. Quora)."""
-    run = {}
-    for qi, qid in enumerate(q_ids):
-        docs = {d_ids[j]: float(s) for s, j in zip(scores[qi], idx[qi])
-                if j >= 0 and not (ignore_identical_ids and d_ids[j] == qid)}
-        run[qid] = dict(ranked(docs)[:k])
-    return run
+    return {qid: dict(ranked({d_ids[j]: float(s) for s, j in zip(scores[qi], idx[qi])
+                              if j >= 0 and not (ignore_identical_ids and d_ids[j] == qid)})[:k])
+            for qi, qid in enumerate(q_ids)}
 
 def evaluate_run(run, qrels):
     """run {qid: {docid: score}}, qrels {qid: {docid: grade}} -> ({measure: mean}, {qid: {measure: value}}).
@@ -190,5 +176,4 @@ def evaluate_run(run, qrels):
     rename = lambda m: next((m.replace(a, b) for a, b in names.items() if m.startswith(a)), m)
     per_query = {qid: {rename(m): v for m, v in ms.items()} for qid, ms in per_query.items()}
     measures = sorted({m for ms in per_query.values() for m in ms})
-    means = {m: sum(ms.get(m, 0.0) for ms in per_query.values()) / len(qrels) for m in measures}
-    return means, per_query
+    return {m: sum(ms.get(m, 0.0) for ms in per_query.values()) / len(qrels) for m in measures}, per_query
