@@ -1,17 +1,15 @@
-"""Speed and memory against sentence-transformers (ST), on whatever device is present: a JSON line per measure with
-ours, baseline and ratio (> 1: ours better). --quick: CPU-sized, the real MiniLM on real SciFact texts (batch 64);
-else bert-base shape with random weights on synthetic texts of 32/256 tokens (batch 1024).
+"""Speed and memory against sentence-transformers (ST) on whatever device is present, a JSON line a measure (ratio
+> 1: ours better). GPU: bert-base shape, random weights, synthetic texts of 32/256 tokens, batch 1024. --quick
+(CPU-sized): the real MiniLM on real SciFact texts, batch 64.
 
     python bench.py --what loss       # fused vs reference InfoNCE: seconds (forward + backward), extra peak memory
     python bench.py --what train      # train.py (cache on and off) vs ST's CachedMultipleNegativesRankingLoss
     python bench.py --what encode     # BiEncoder.encode vs SentenceTransformer.encode: docs/s, whole process
 
-Each measurement runs in a fresh process (its peak memory is its own), the sides taking turns, --reps times,
-medians reported. The same precision on both sides: ST's weights in bf16 when ours are (encoding); its model
-under the same autocast in both passes of its cache (its second pass runs inside backward(), so the autocast
-covers that too). Tokenising is outside the step timers on both sides. MFU: 6 x parameters x tokens / time /
-989 TFLOP/s (an H100/H200's dense bf16 peak).
-"""
+Each measurement runs in a fresh process, the sides taking turns, --reps times, medians reported. The same
+precision on both sides: ST's weights in bf16 when ours are (encoding), its model under the same autocast in both
+passes of its cache (training: its second pass runs inside backward(), so the autocast covers that too).
+Tokenising is outside the step timers on both sides."""
 import argparse
 import json
 import os
@@ -29,7 +27,7 @@ parser = data.parser(__doc__, device="auto", dtype="bf16")
 parser.add_argument("--what", default="all", choices=["loss", "train", "encode", "all"], help="comparison")
 parser.add_argument("--quick", action="store_true", help="CPU-sized settings")
 parser.add_argument("--reps", type=int, default=3, help="repetitions (medians reported)")
-parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement
+parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement
 
 def child(s):
     """One measurement in this fresh process: s["steps"] calls (the first warms up), then a RESULT line."""
@@ -45,12 +43,12 @@ def child(s):
         run = lambda: fn(q, d, 0.02, N // B).backward()
     elif s["kind"] == "ours_encode":
         model = for_inference(s["model"], device, "bf16", passage_max_len=s["max_len"])
-        run = lambda: [model.encode(s[k], k[:-1], s["encode_batch"]) for k in ("docs", "queries")]
+        run = lambda: [model.encode(s[kind], kind, s["encode_batch"]) for kind in ("doc", "query")]
     elif s["kind"] == "st_encode":
         from sentence_transformers import SentenceTransformer
         model = SentenceTransformer(s["model"], device=str(device)).to(torch.bfloat16)
         model.max_seq_length = s["max_len"]
-        run = lambda: [model.encode(s[k], batch_size=s["encode_batch"]) for k in ("docs", "queries")]
+        run = lambda: [model.encode(s[kind], batch_size=s["encode_batch"]) for kind in ("doc", "query")]
     else:  # "st_train": ST's cached loss, over the rows and steps train.py takes
         from sentence_transformers import SentenceTransformer, losses
         model = SentenceTransformer(s["model"], device=str(device)).train()  # dropout on, as in ours
@@ -60,24 +58,21 @@ def child(s):
         batches = [[{k: v.to(device) for k, v in model.tokenize(list(col)).items()}
                     for col in zip(*[(r["query"], r["pos"][0], r["neg"][0]) for r in rows[i:i + B]])]
                    for i in range(0, B * s["steps"], B)]
-
         def run():
             with torch.autocast(device.type, dtype=DTYPES[s["dtype"]], enabled=s["dtype"] != "fp32"):
                 loss_fn(batches.pop(0), None).backward()  # its second pass runs in backward: autocast covers it
             opt.step(), opt.zero_grad()
-    base, times = peak(), []
+    base, times = peak(), [time.perf_counter()]
     for _ in range(s["steps"]):
-        t0 = time.perf_counter()
         run()
         torch.cuda.synchronize() if device.type == "cuda" else None
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times[1:])
+        times.append(time.perf_counter())
+    seconds = statistics.median(b - a for a, b in zip(times[1:-1], times[2:]))  # the first call warms up
     print("RESULT " + json.dumps({"seconds": seconds, "per_s": s.get("n", 1) / seconds, "peak_gb": peak(),
                                   "extra_gb": peak() - base}))
 
 def compare(what, sides, reps, keys, **settings):
-    """Run each side's command (a function of the repetition -> (command, train.py's log or None)) reps times, the
-    sides taking turns, the last being the baseline; print the medians of each measure in keys."""
+    """sides: name -> (repetition -> (command, train.py's log or None)), the baseline last; print medians of keys."""
     res = {name: [] for name in sides}
     for r, name in ((r, name) for r in range(reps) for name in sides):
         cmd, log = sides[name](r)
@@ -100,13 +95,12 @@ def compare(what, sides, reps, keys, **settings):
     return res
 
 def workload(args, cuda, tmp):
-    """(model folder, train rows, docs, queries, sizes) of the GPU setting, or of the CPU one (--quick)."""
+    """(model folder, train rows, docs, queries, sizes): the GPU setting, or the CPU one (--quick)."""
     from model import Bert, default_model
     if cuda and not args.quick:
         from transformers import AutoTokenizer, BertConfig
         folder, tok = os.path.join(tmp, "bert-base"), AutoTokenizer.from_pretrained(default_model())
-        Bert(BertConfig()).save(folder)  # 768 wide, 12 layers, 110M parameters, PyTorch's default init
-        tok.save_pretrained(folder)
+        Bert(BertConfig()).save(folder), tok.save_pretrained(folder)  # 768 wide, 12 layers, 110M parameters
         vocab, rng = [w for w in tok.vocab if w.isalpha() and w.isascii()], random.Random(0)
         text = lambda n: " ".join(rng.choices(vocab, k=n))
         rows = [{"query": text(30), "pos": [text(300)], "neg": [text(300)]} for _ in range(6 * 1024)]
@@ -130,11 +124,9 @@ def main(args):
         loss = lambda kind: lambda r: spawn(kind=kind, shape=shape, dtype=dtype, steps=4)
         compare("loss", {"fused": loss("fused"), "reference": loss("reference")}, args.reps, ["seconds", "extra_gb"],
                 shape=shape, dtype=dtype)
-    if args.what == "loss":
-        return
-    folder, rows, docs, queries, s = workload(args, cuda, tmp)
+    folder, rows, docs, queries, s = workload(args, cuda, tmp) if args.what != "loss" else (None,) * 5
     if args.what in ("encode", "all"):
-        encode = lambda kind: lambda r: spawn(kind=kind, model=folder, docs=docs, queries=queries,
+        encode = lambda kind: lambda r: spawn(kind=kind, model=folder, doc=docs, query=queries,
                                               n=len(docs) + len(queries), **{**s, "steps": 2})
         compare("encode", {"ours": encode("ours_encode"), "st": encode("st_encode")}, args.reps, ["per_s", "wall"],
                 docs=len(docs), queries=len(queries), weights="bf16", batch=s["encode_batch"])
@@ -148,12 +140,11 @@ def main(args):
         st = lambda r: spawn(kind="st_train", model=folder, data=train_file, dtype=args.dtype, n=s["batch"], **s)
         res = compare("train", {"ours": ours(s["chunk"]), "ours_no_cache": ours(0), "st": st}, args.reps,
                       ["per_s", "peak_gb", "wall"], group=2, dtype=args.dtype, **s)
-        if cuda:  # BERT's non-embedding parameters are 12 x layers x width^2; a query has 32 tokens, a document 256
-            with open(os.path.join(folder, "config.json")) as f:
-                c = json.load(f)
+        if cuda:  # BERT has 12 x layers x width^2 non-embedding weights; a query of 32 tokens, two documents
+            c = json.load(open(os.path.join(folder, "config.json")))
             flops = 6 * 12 * c["num_hidden_layers"] * c["hidden_size"] ** 2 * (32 + 2 * s["max_len"])
-            print(json.dumps({"what": "train: MFU", **{name: round(statistics.median(x["per_s"] for x in runs) * flops
-                                                                   / 989e12, 3) for name, runs in res.items()}}))
+            print(json.dumps({"what": "train: MFU", **{k: statistics.median(x["per_s"] for x in v) * flops / 989e12
+                                                       for k, v in res.items()}}))
 
 if __name__ == "__main__":
     main(parser.parse_args())

@@ -99,13 +99,13 @@ def main(args):
     data.write_jsonl(args.out, rows)
     if not args.emb:
         shutil.rmtree(folder)
-    negs = [s for r in rows for s in r["neg_scores"]] or [float("nan")]
-    print(f"mined {len(rows)} queries -> {args.out} ({len(qids) - len(rows)} without a positive skipped); "
-          f"negatives a query: mean {sum(len(r['neg']) for r in rows) / len(rows):.2f} (wanted {args.num_neg}), {totals['short_window']} "
-          f"windows ran short and got {totals['random']} random ones; removed from windows: {totals['positive']} "
-          f"positives, {totals['same_text']} repeated texts, {totals['margin']} above the margin; scores: positives "
-          f"mean {np.mean([s for r in rows for s in r['pos_scores']]):.3f}, negatives mean {np.mean(negs):.3f} "
-          f"(min {np.min(negs):.3f}, max {np.max(negs):.3f})")
+    negs = [s for r in rows for s in r["neg_scores"]]
+    print(f"mined {len(rows)} queries -> {args.out} ({len(qids) - len(rows)} without a positive skipped); negatives a "
+          f"query: {len(negs) / len(rows):.2f} (wanted {args.num_neg}), {totals['short_window']} windows ran short and "
+          f"got {totals['random']} random ones; removed from windows: {totals['positive']} positives, "
+          f"{totals['same_text']} repeated texts, {totals['margin']} above the margin; scores: positives mean "
+          f"{np.mean([s for r in rows for s in r['pos_scores']]):.3f}, negatives mean {np.mean(negs or [np.nan]):.3f} "
+          f"(min {min(negs, default=np.nan):.3f}, max {max(negs, default=np.nan):.3f})")
     return rows
 
 if __name__ == "__main__":
