@@ -96,10 +96,10 @@ def compare(what, sides, reps, keys, **settings):
 
 def workload(args, cuda, tmp):
     """(model folder, train rows, docs, queries, sizes): the GPU setting, or the CPU one (--quick)."""
-    from model import Bert, default_model
+    from model import Bert
     if cuda and not args.quick:
         from transformers import AutoTokenizer, BertConfig
-        folder, tok = os.path.join(tmp, "bert-base"), AutoTokenizer.from_pretrained(default_model())
+        folder, tok = os.path.join(tmp, "bert-base"), AutoTokenizer.from_pretrained(data.default_model())
         Bert(BertConfig()).save(folder), tok.save_pretrained(folder)  # 768 wide, 12 layers, 110M parameters
         vocab, rng = [w for w in tok.vocab if w.isalpha() and w.isascii()], random.Random(0)
         text = lambda n: " ".join(rng.choices(vocab, k=n))
@@ -110,7 +110,7 @@ def workload(args, cuda, tmp):
     ids, rng = sorted(corpus), random.Random(0)
     rows = [{"query": queries[q], "pos": [corpus[min(qrels[q])]], "neg": [corpus[rng.choice(ids)]]}
             for q in sorted(qrels)[:3 * 64]]
-    return default_model(), rows, [corpus[i] for i in ids[:500]], [r["query"] for r in rows[:60]], \
+    return data.default_model(), rows, [corpus[i] for i in ids[:500]], [r["query"] for r in rows[:60]], \
         dict(batch=64, chunk=16, steps=3, max_len=256, encode_batch=32)
 
 def main(args):

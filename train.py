@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data
 from loss import accuracy, distill_kl, fused_info_nce, gather, info_nce, matryoshka
-from model import DTYPES, BiEncoder, default_model, setup
+from model import DTYPES, BiEncoder, setup
 
 parser = data.parser(__doc__, model=None, dataset="beir/nfcorpus/train", split=None, dtype=None, device="auto", seed=0)
 # data
@@ -299,7 +299,7 @@ def main(args):
 
     # model and optimiser
     torch.manual_seed(args.seed + rank)  # dropout differs between ranks, as it would across one big batch
-    model = BiEncoder(args.model or default_model(), separate=args.separate_towers,
+    model = BiEncoder(args.model, separate=args.separate_towers,
                       attention_dropout=args.attention_dropout, pooling=args.pooling,
                       query_prefix=args.query_prefix, doc_prefix=args.doc_prefix, query_max_len=args.query_max_len,
                       passage_max_len=args.passage_max_len).to(device).train()  # dropout on, as in pretraining

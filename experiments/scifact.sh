@@ -31,7 +31,7 @@ PY
 # test: fp32 embeddings once, scored at full size and, for the Matryoshka table, truncated to each of DIMS
 test_eval() {  # $1: run folder; the rest: encode.py's model flags
     local run=$1; shift
-    [ -f "$run/emb_test/meta.json" ] || $PYTHON encode.py "$@" --dataset beir/scifact/test --dtype fp32 \
+    [ -f "$run/emb_test/queries.ids.txt" ] || $PYTHON encode.py "$@" --dataset beir/scifact/test --dtype fp32 \
         --store fp32 --out "$run/emb_test"
     $PYTHON evaluate.py --emb "$run/emb_test" --dataset beir/scifact/test --out "$run/test"
     for d in ${DIMS:-}; do

@@ -51,7 +51,7 @@ def make_tiny_bert(path, dropout=0.1, pooling="mean"):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from model import default_model
+    from data import default_model
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, max_position_embeddings=128)

@@ -18,7 +18,8 @@ import mine
 import retrieval
 import train
 from conftest import NFCORPUS, ROOT, SCIFACT, make_tiny_bert, scifact_subset
-from model import Bert, BiEncoder, default_model
+from data import default_model
+from model import Bert, BiEncoder
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -75,12 +75,26 @@ def test_replay_is_exact_with_dropout_and_dropout_is_live(tiny_model, tiny_model
     assert rel > 0.1, f"dropout-on and dropout-off runs end too close ({rel:.2e}): is the model in train mode?"
 
 
-def test_replay_is_exact_for_minilm(train_file, tmp_path):
-    """The bundled MiniLM (dropout 0.1): pass 2 reproduces pass 1 bit for bit."""
-    from model import default_model
+def test_replay_is_exact_for_minilm_and_its_checkpoint_loads_in_transformers(train_file, tmp_path):
+    """The bundled MiniLM (dropout 0.1): pass 2 reproduces pass 1 bit for bit; the checkpoint training writes gives
+    our encode path's vectors in plain transformers.AutoModel with mean pooling."""
+    from transformers import AutoModel
+
+    from data import default_model
     _, log = run(default_model(), train_file, tmp_path / "m", "--chunk_size", 4, "--max_steps", 1,
                  "--passage_max_len", 64)
     assert log[0]["replay_err"] == 0.0
+    ckpt = str(tmp_path / "m" / "model")
+    ours = train.BiEncoder(ckpt).eval()
+    texts = [ex["pos"][0] for ex in data.read_train_jsonl(train_file)[:4]] + ["a short text"]
+    batch = ours.tokenize(texts, "doc")
+    hf = AutoModel.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        hidden = hf(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    theirs = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+    assert (torch.tensor(ours.encode(texts, "doc")) - theirs).abs().max() < 1e-4
+    assert not torch.allclose(theirs, torch.tensor(train.BiEncoder(default_model()).eval().encode(texts, "doc")))
 
 
 def test_cached_gradient_equals_full_batch_with_pass1_masks(tiny_model):
