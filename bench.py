@@ -26,7 +26,7 @@ import data
 parser = data.parser(__doc__, device="auto", dtype="bf16")
 parser.add_argument("--what", default="all", choices=["loss", "train", "encode", "all"], help="comparison")
 parser.add_argument("--quick", action="store_true", help="CPU-sized settings")
-parser.add_argument("--reps", type=int, default=3, help="repetitions (medians reported)")
+parser.add_argument("--reps", type=data.positive, default=3, help="repetitions (medians reported)")
 parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement
 
 def child(s):

@@ -13,8 +13,10 @@ A user's mistake raises InputError, naming the flag, or the file and line (or id
 script's entry point (`run`) prints it as one line. Anything else is a bug and keeps its traceback.
 """
 import argparse
+import glob
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -36,12 +38,27 @@ def run(main, parser):
 
 # ---------------------------------------------------------------------------------------------- shared flags
 
+def number(cast, low, high=float("inf"), strict=False):
+    """An argparse type: a finite number in [low, high) (in (low, high) with strict), so that -8, 0 or nan where it
+    makes no sense is a one-line error before any work."""
+    def parse(text):
+        value = cast(text)
+        if not (value > low if strict else value >= low) or not value < high:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'>' if strict else '>='} {low}" +
+                                             (f" and < {high}" if high < float("inf") else ""))
+        return value
+    parse.__name__ = cast.__name__  # argparse names it in "invalid int value"
+    return parse
+
+positive, count, rate, share = number(int, 1), number(int, 0), number(float, 0, strict=True), number(float, 0, 1)
+nonnegative = number(float, 0)
+
 COMMON = {  # flags several stages take, declared once; each stage picks its own and their defaults
     "model": dict(help="Hugging Face folder or checkpoint out_dir/model (default: the bundled all-MiniLM-L6-v2)"),
     "dataset": dict(help="ir_datasets id (e.g. beir/scifact/test) or a BEIR folder (with --split)"),
     "split": dict(help="split of a BEIR folder (train, dev, test)"),
     "queries": dict(help="file of query ids, one a line: only these (e.g. a dev part carved from train)"),
-    "batch_size": dict(type=int, help="texts per forward pass when encoding (default 32 on CPU, 256 on GPU)"),
+    "batch_size": dict(type=positive, help="texts a forward pass when encoding (default 32 on CPU, 256 on GPU)"),
     "dtype": dict(choices=["fp32", "bf16", "fp16"], help="precision (default: bf16 on GPU, fp32 on CPU)"),
     "device": dict(help="auto (cuda if present), cpu, cuda or cuda:N"),
     "seed": dict(type=int, help="seed of everything random"),
@@ -95,6 +112,13 @@ def write_json(path, obj):
 
 def write_jsonl(path, rows):
     atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read it as JSON ({e})") from None
 
 def read_lines(path):
     """Yield (line number, line) for each non-empty line of a UTF-8 text file (a byte-order mark is skipped)."""
@@ -158,10 +182,11 @@ def _load_beir_folder(folder, split):
     for name, texts in (("corpus", corpus), ("queries", queries)):
         path = os.path.join(folder, f"{name}.jsonl")
         for n, row in read_jsonl(path):
-            text = _doc_text(row.get("title"), row.get("text"))
-            if "_id" not in row or not text:
-                raise InputError(f"{path}:{n}: each line needs an '_id' and a non-empty 'text' (or 'title')")
-            texts[str(row["_id"])] = text
+            text, i = _doc_text(row.get("title"), row.get("text")), str(row.get("_id", ""))
+            if not i or i.split() != [i] or i in texts or not text:  # ids are space-separated in run files
+                raise InputError(f"{path}:{n}: " + (f"id {i!r} again" if i in texts else "each line needs an '_id' "
+                                                    "without spaces and a non-empty 'text' (or 'title')"))
+            texts[i] = text
     return corpus, queries, read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
 
 def read_qrels(path):
@@ -171,8 +196,9 @@ def read_qrels(path):
         cols = line.split()
         if n == 1 and cols[0] == "query-id":
             continue
-        if len(cols) not in (3, 4) or not cols[-1].lstrip("-").isdigit():
-            raise InputError(f"{path}:{n}: expected 'query-id corpus-id grade' (an integer), got {line.strip()!r}")
+        if len(cols) not in (3, 4) or not cols[-1].isdigit() or cols[-2] in qrels.get(cols[0], {}):
+            raise InputError(f"{path}:{n}: expected 'query-id corpus-id grade' with a grade >= 0, each pair once; "
+                             f"got {line.strip()!r}")
         qrels.setdefault(cols[0], {})[cols[-2]] = int(cols[-1])
     return qrels
 
@@ -194,8 +220,10 @@ def _load_ir_datasets(dataset_id):
         raise InputError(f"{dataset_id!r} is neither a folder nor a dataset id that ir_datasets knows "
                          f"(e.g. beir/scifact/test)") from None
     try:
-        corpus = {d.doc_id: _doc_text(getattr(d, "title", ""), d.text) for d in ds.docs_iter()}
-        queries = {q.query_id: q.text.strip() for q in ds.queries_iter()}
+        docs = [(d.doc_id, _doc_text(getattr(d, "title", ""), d.text)) for d in ds.docs_iter()]
+        corpus, queries = dict(docs), {q.query_id: q.text.strip() for q in ds.queries_iter()}
+        if len(corpus) < len(docs):  # the last text of a repeated id is kept: say so
+            print(f"{dataset_id}: {len(docs) - len(corpus)} repeated document ids, each kept once (its last text)")
         qrels = {}
         for r in (ds.qrels_iter() if ds.has_qrels() else []):
             qrels.setdefault(r.query_id, {})[r.doc_id] = int(r.relevance)
@@ -207,27 +235,40 @@ def _load_ir_datasets(dataset_id):
 
 # ---------------------------------------------------------------------------------------------- train data
 
+_text = lambda x: isinstance(x, str) and x.strip() != ""
+_id = lambda x: isinstance(x, (str, int)) and not isinstance(x, bool) and str(x).strip() != ""
+_score = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+_each = lambda check: lambda xs: isinstance(xs, list) and all(map(check, xs))
+TRAIN_FIELDS = {  # each key of a train line: its check, and what the error says it must be
+    "query": (_text, "a non-empty string"), "prompt": (lambda x: isinstance(x, str), "a string"),
+    "qid": (_id, "an id (a string or an integer)"), **{k: v for kind in ("pos", "neg") for k, v in (
+        (kind, (_each(_text), "a list of non-empty strings")), (f"{kind}_ids", (_each(_id), "a list of ids")),
+        (f"{kind}_scores", (_each(_score), "a list of finite numbers")))}}
+
 def read_train_jsonl(path):
-    """FlagEmbedding-format train examples, validated. Returns a list of dicts."""
-    examples = []
+    """FlagEmbedding-format train examples, every field checked now (not when its line is sampled hours later).
+    Keys this code does not read are counted and named, so that a typo ("negs") does not silently turn into
+    training without negatives."""
+    examples, unknown = [], {}
     for n, row in read_jsonl(path):
         row.setdefault("neg", [])
-        if not (isinstance(row.get("query"), str) and row["query"].strip()):
-            raise InputError(f"{path}:{n}: 'query' must be a non-empty string")
-        for key in ("pos", "neg"):
-            texts = row.get(key)
-            if not (isinstance(texts, list) and all(isinstance(t, str) and t.strip() for t in texts)):
-                raise InputError(f"{path}:{n}: {key!r} must be a list of non-empty strings")
-            for extra in (f"{key}_ids", f"{key}_scores"):
-                if extra in row and (not isinstance(row[extra], list) or len(row[extra]) != len(texts)):
-                    raise InputError(f"{path}:{n}: {extra!r} must be a list as long as {key!r} ({len(texts)})")
-            if f"{key}_ids" in row:
-                row[f"{key}_ids"] = [str(i) for i in row[f"{key}_ids"]]  # 123 and "123" are the same id
-        if not row["pos"]:
-            raise InputError(f"{path}:{n}: 'pos' is empty")
-        examples.append(row)
+        for key, value in row.items():
+            if key not in TRAIN_FIELDS:
+                unknown[key] = unknown.get(key, 0) + 1
+            elif not TRAIN_FIELDS[key][0](value):
+                raise InputError(f"{path}:{n}: {key!r} must be {TRAIN_FIELDS[key][1]}")
+        if "query" not in row or not row.get("pos"):
+            raise InputError(f"{path}:{n}: a line needs a 'query' and at least one 'pos'")
+        for key in ("pos_ids", "neg_ids", "pos_scores", "neg_scores"):
+            if key in row and len(row[key]) != len(row[key[:3]]):
+                raise InputError(f"{path}:{n}: {key!r} must be as long as {key[:3]!r} ({len(row[key[:3]])})")
+            if key in row and key.endswith("ids"):
+                row[key] = [str(i) for i in row[key]]  # 123 and "123" are the same id
+        examples.append({**row, **({"qid": str(row["qid"])} if "qid" in row else {})})
     if not examples:
         raise InputError(f"{path}: no examples")
+    if unknown:
+        print(f"{path}: keys not read (ignored): " + ", ".join(f"{k!r} in {c} lines" for k, c in unknown.items()))
     return examples
 
 def examples_from_qrels(corpus, queries, qrels):
@@ -266,3 +307,29 @@ def background(items):
         while (item := ahead.result()) is not done:
             ahead = pool.submit(next, it, done)
             yield item
+
+def output(path, folder=True):
+    """Check, before any work, that an output can be written: a folder (created) or a file's folder, writable, and
+    not a file where a folder should be (or the reverse)."""
+    target = path if folder else os.path.dirname(os.path.abspath(path))
+    try:
+        if not folder and os.path.isdir(path):
+            raise OSError(f"{path} is a folder")
+        os.makedirs(target, exist_ok=True)
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+def claim(folder):
+    """Hold folder/.lock while this process lives, so that a second run writing the same folder stops at once, and
+    remove the temporary files a killed run left there. Returns the open lock file (keep it)."""
+    import fcntl
+    lock = open(os.path.join(output(folder), ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"{folder}: another run is writing there; wait for it, or give another folder") from None
+    for leftover in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "model.old")):
+        shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
+    return lock

@@ -18,12 +18,13 @@ from model import for_inference, setup
 
 parser = data.parser(__doc__, model=None, dataset="beir/scifact/test", split=None, batch_size=None, dtype=None,
                      device="auto", out=...)
-parser.add_argument("--max_len", type=int, default=None, help="override the checkpoint's passage max length")
+parser.add_argument("--max_len", type=data.positive, help="override the checkpoint's passage max length")
 parser.add_argument("--store", default="fp16", choices=["fp16", "fp32"], help="dtype of the saved .npy files")
-parser.add_argument("--shard_size", type=int, default=1_000_000, help="documents a shard")
+parser.add_argument("--shard_size", type=data.positive, default=1_000_000, help="documents a shard")
 
 def main(args):
     device, rank, world = setup(args.device)
+    data.output(args.out)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     corpus, queries, _ = data.load_dataset(args.dataset, args.split)
     model = for_inference(args.model, device, dtype, passage_max_len=args.max_len)

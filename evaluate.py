@@ -23,8 +23,8 @@ parser = data.parser(__doc__, model=None, dataset="beir/scifact/test", split=Non
                      dtype=None, device="auto", out=None)
 parser.add_argument("--emb", help="an encode.py output folder, instead of --model")
 parser.add_argument("--index", default="Flat", help="faiss index_factory string (inner product); Flat: exact")
-parser.add_argument("--k", type=int, default=1000, help="documents retrieved a query")
-parser.add_argument("--dim", type=int, help="score the first DIM dimensions only, re-normalised (Matryoshka)")
+parser.add_argument("--k", type=data.positive, default=1000, help="documents retrieved a query")
+parser.add_argument("--dim", type=data.positive, help="score the first DIM dimensions only, re-normalised (Matryoshka)")
 parser.add_argument("--ignore_identical_ids", action="store_true", help="drop a document whose id is the query's")
 parser.add_argument("--compare", nargs="+", help="evaluate.py --out folders: differences to the first, paired t-test")
 
@@ -51,6 +51,8 @@ def compare(folders):
 def main(args):
     if args.compare:
         return compare(args.compare)
+    if args.out:
+        data.output(args.out)
     corpus, queries, qrels = data.load_dataset(args.dataset, args.split)
     if not qrels:
         raise data.InputError(f"{args.dataset}: no qrels to evaluate against")
@@ -74,6 +76,8 @@ def main(args):
         d_ids = list(corpus)
         shards = [model.encode([corpus[i] for i in d_ids], "doc", args.batch_size, "encode corpus")[:, dim]]
         q_emb = model.encode([queries[q] for q in q_ids], "query", args.batch_size)
+    if (args.dim or 0) > q_emb.shape[1]:
+        raise data.InputError(f"--dim {args.dim}: the embeddings have {q_emb.shape[1]} dimensions")
     k = args.k + args.ignore_identical_ids  # one more, so that each query still gets k after dropping its own id
     if args.index == "Flat":
         scores, idx = retrieval.search(q_emb[:, dim], shards, k, device)

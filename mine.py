@@ -27,8 +27,8 @@ parser = data.parser(__doc__, model=None, dataset="beir/scifact/train", split=No
                      dtype=None, device="auto", seed=0, out=...)
 parser.add_argument("--range", default="10-100", type=data.int_range, help="rank window to "
                     "sample from, START-END (0-based, END exclusive)")
-parser.add_argument("--num_neg", type=int, default=7, help="negatives a query")
-parser.add_argument("--margin", type=float, default=0.0, help="keep a negative only if its score < margin x the "
+parser.add_argument("--num_neg", type=data.positive, default=7, help="negatives a query")
+parser.add_argument("--margin", type=data.share, default=0.0, help="keep a negative only if its score < margin x the "
                     "query's lowest positive score (0: off; e.g. 0.95)")
 parser.add_argument("--sampling", default="random", choices=["random", "top"], help="random from the window, or the "
                     "highest-ranked ones")
@@ -59,11 +59,12 @@ def select_negatives(window, query, pos, corpus, doc_ids, args, rng, score):
 
 def main(args):
     device, rank, world = setup(args.device)
+    data.output(args.out, folder=False)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     corpus, queries, qrels = data.load_dataset(args.dataset, args.split)
-    qids = data.read_ids(args.queries, qrels) if args.queries else sorted(qrels)
-    positives = {q: sorted(d for d, g in qrels[q].items() if g > 0) for q in qids}  # grade 0: judged, not relevant
-    if not any(positives.values()):
+    qrels = {q: qrels[q] for q in data.read_ids(args.queries, qrels)} if args.queries else qrels
+    examples = data.examples_from_qrels(corpus, queries, qrels)  # a query with only grade-0 judgements has none
+    if not examples:
         raise data.InputError(f"{args.dataset}: no positives in its qrels to mine around")
     model = for_inference(args.model, device, dtype)
     folder = args.emb or args.out + ".emb"  # without --emb the corpus is encoded here (each rank its shards)
@@ -76,30 +77,28 @@ def main(args):
     if args.emb and (docs.meta["model"] != args.model or set(docs.ids) != set(corpus)):
         raise data.InputError(f"--emb {args.emb}: an encoding of {docs.meta['model']} over {docs.meta['dataset']}, "
                               f"not of {args.model} over {args.dataset}")
-    q_emb = retrieval.unit(torch.tensor(model.encode([queries[q] for q in qids], "query", args.batch_size))).numpy()
+    q_emb = model.encode([ex["query"] for ex in examples], "query", args.batch_size)
+    q_emb = retrieval.unit(torch.tensor(q_emb)).numpy()
     row_of, sorted_ids = {did: i for i, did in enumerate(docs.ids)}, sorted(docs.ids)
     cosine = lambda qi, dids: retrieval.unit(torch.tensor(docs.rows([row_of[d] for d in dids]))).numpy() @ q_emb[qi]
     # enough candidates: the window's end, plus room for the positives that are skipped inside it
-    scores, idx = retrieval.search(q_emb, docs, args.range[1] + max(map(len, positives.values())), device)
+    scores, idx = retrieval.search(q_emb, docs, args.range[1] + max(len(ex["pos_ids"]) for ex in examples), device)
     rows, totals = [], {"positive": 0, "same_text": 0, "margin": 0, "random": 0, "short_window": 0}
-    for qi, qid in enumerate(qids):
-        if not positives[qid]:
-            continue
-        pos = dict(zip(positives[qid], cosine(qi, positives[qid]).tolist()))
+    for qi, ex in enumerate(examples):
+        qid, pos = ex["qid"], dict(zip(ex["pos_ids"], cosine(qi, ex["pos_ids"]).tolist()))
         ranked = [(docs.ids[j], float(s)) for s, j in zip(scores[qi], idx[qi]) if j >= 0]
         window = [(d, s) for d, s in ranked if d not in pos][args.range[0]:args.range[1]]  # ranks among non-positives
         totals["positive"] += sum(d in pos for d, _ in ranked)
-        chosen, counts = select_negatives(window, queries[qid], pos, corpus, sorted_ids, args,
+        chosen, counts = select_negatives(window, ex["query"], pos, corpus, sorted_ids, args,
                                           random.Random(f"{args.seed}/{qid}"), lambda d: float(cosine(qi, [d])[0]))
         totals.update({k: totals[k] + v for k, v in counts.items()})
-        rows.append({"qid": qid, "query": queries[qid], "pos": [corpus[p] for p in pos], "pos_ids": list(pos),
-                     "pos_scores": list(pos.values()), "neg": [corpus[d] for d, _ in chosen],
+        rows.append({**ex, "pos_scores": list(pos.values()), "neg": [corpus[d] for d, _ in chosen],
                      "neg_ids": [d for d, _ in chosen], "neg_scores": [s for _, s in chosen]})
     data.write_jsonl(args.out, rows)
     if not args.emb:
         shutil.rmtree(folder)
     negs = [s for r in rows for s in r["neg_scores"]]
-    print(f"mined {len(rows)} queries -> {args.out} ({len(qids) - len(rows)} without a positive skipped); negatives a "
+    print(f"mined {len(rows)} queries -> {args.out} ({len(qrels) - len(rows)} without a positive skipped); negatives a "
           f"query: {len(negs) / len(rows):.2f} (wanted {args.num_neg}), {totals['short_window']} windows ran short and "
           f"got {totals['random']} random ones; removed from windows: {totals['positive']} positives, "
           f"{totals['same_text']} repeated texts, {totals['margin']} above the margin; scores: positives mean "

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer  # the modeling code is imported only for non-BERT models
 
+import data
 from data import InputError, background
 
 SETTINGS = "biencoder.json"
@@ -51,29 +52,22 @@ def setup(name="auto"):
                                 device_id=device if device.type == "cuda" else None)
     return device, dist.get_rank(), dist.get_world_size()
 
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); the model folder is damaged") from None
-
 def read_settings(path):
     """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files, else DEFAULTS."""
     file = lambda name: os.path.join(path, name)
     if os.path.isfile(file(SETTINGS)):
-        return {**DEFAULTS, **read_json(file(SETTINGS))}
-    s, modules = dict(DEFAULTS), read_json(file("modules.json")) if os.path.isfile(file("modules.json")) else []
+        return {**DEFAULTS, **data.read_json(file(SETTINGS))}
+    s, modules = dict(DEFAULTS), data.read_json(file("modules.json")) if os.path.isfile(file("modules.json")) else []
     s["normalize"] = any(m["type"].endswith("Normalize") for m in modules) if modules else s["normalize"]
     for m in modules:
         if m["type"].endswith("Pooling"):
-            pool = read_json(os.path.join(path, m["path"], "config.json"))
+            pool = data.read_json(os.path.join(path, m["path"], "config.json"))
             s["pooling"] = ("mean" if pool.get("pooling_mode_mean_tokens") else
                             "last" if pool.get("pooling_mode_lasttoken") else "cls")
     if os.path.isfile(file("sentence_bert_config.json")):
-        s["query_max_len"] = s["passage_max_len"] = read_json(file("sentence_bert_config.json"))["max_seq_length"]
+        s["query_max_len"] = s["passage_max_len"] = data.read_json(file("sentence_bert_config.json"))["max_seq_length"]
     if os.path.isfile(file("config_sentence_transformers.json")):
-        prompts = read_json(file("config_sentence_transformers.json")).get("prompts") or {}
+        prompts = data.read_json(file("config_sentence_transformers.json")).get("prompts") or {}
         s["query_prefix"], s["doc_prefix"] = prompts.get("query", ""), prompts.get("document", "")
     return s
 
@@ -185,10 +179,17 @@ class BiEncoder(nn.Module):
         self.settings = {**read_settings(path), **{k: v for k, v in overrides.items() if v is not None}}
         if self.settings["pooling"] not in ("cls", "mean", "last"):
             raise InputError(f"unknown pooling {self.settings['pooling']!r}; choose cls, mean or last")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.encoder = load_encoder(path, attention_dropout)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
         if self.tokenizer.pad_token is None:  # decoder models (last-token pooling) often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.encoder = load_encoder(path, attention_dropout)
+        positions = getattr(self.encoder.config, "max_position_embeddings", float("inf"))
+        for key in ("query_max_len", "passage_max_len"):
+            if self.settings[key] > positions:
+                raise InputError(f"--{key} {self.settings[key]}: {path} has {positions} positions")
         # Separate towers: queries get their own copy of the transformer (saved under query_tower/).
         qpath = os.path.join(path, "query_tower")
         self.separate = separate or os.path.isdir(qpath)

@@ -5,7 +5,6 @@ BEIR compute them.
 Embeddings on disk (encode.py): `corpus.00000.npy` (n, D) + `corpus.00000.ids.txt` (n lines), one pair a shard,
 `queries.npy` + `queries.ids.txt`, and `meta.json` (the settings, and the shards once all are written).
 """
-import json
 import os
 
 import numpy as np
@@ -46,7 +45,7 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
     gives the files of an uninterrupted run. meta (the settings) must match the folder's meta.json, if any."""
     ids, path = list(corpus), os.path.join(folder, "meta.json")
     meta = {**meta, "count": len(ids), "shard_size": shard_size, "store": store}
-    old = read_meta(folder) if os.path.isfile(path) else meta
+    old = data.read_json(os.path.join(folder, "meta.json")) if os.path.isfile(path) else meta
     changed = [k for k in meta if old.get(k) != meta[k]]
     if changed:
         raise data.InputError(f"{path}: this folder holds an encoding with {changed[0]} {old.get(changed[0])!r}, "
@@ -67,19 +66,12 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
         data.write_json(path, {**meta, "shards": names})
     return names
 
-def read_meta(folder):
-    try:
-        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise data.InputError(f"{folder}/meta.json: cannot read it ({e}); is {folder} an encode.py folder?") from None
-
 class Shards:
     """The corpus of an encode.py folder: its ids and its vectors, memory-mapped; read a shard at a time by
     iterating (search), or by row (rows(), e.g. the positives' vectors in mining)."""
 
     def __init__(self, folder):
-        self.meta = read_meta(folder)
+        self.meta = data.read_json(os.path.join(folder, "meta.json"))
         if "shards" not in self.meta:
             raise data.InputError(f"{folder}: an unfinished encoding; rerun the same encode.py command to finish it")
         parts = [load_embeddings(folder, name, mmap=True) for name in self.meta["shards"]]

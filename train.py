@@ -15,6 +15,7 @@ Writes out_dir/model/ (Hugging Face + sentence-transformers files), out_dir/trai
 resume exactly) and out_dir/log.jsonl (one line a step). SIGTERM/SIGINT: finish the step, save, exit 0.
 """
 import functools
+import hashlib
 import json
 import math
 import os
@@ -34,35 +35,35 @@ from model import DTYPES, BiEncoder, setup
 parser = data.parser(__doc__, model=None, dataset="beir/nfcorpus/train", split=None, dtype=None, device="auto", seed=0)
 # data
 parser.add_argument("--train_data", help="FlagEmbedding jsonl (query, pos, neg, ...); else --dataset's qrels positives")
-parser.add_argument("--group_size", type=int, help="1 positive + G-1 hard negatives a query (default 2, or 1 if none)")
-parser.add_argument("--query_max_len", type=int, help="query tokens (default: the model's)")
-parser.add_argument("--passage_max_len", type=int, help="document tokens (default: the model's)")
+parser.add_argument("--group_size", type=data.positive, help="1 positive + G-1 negatives a query (default 2, or 1)")
+parser.add_argument("--query_max_len", type=data.positive, help="query tokens (default: the model's)")
+parser.add_argument("--passage_max_len", type=data.positive, help="document tokens (default: the model's)")
 parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1], help="0: other positives count")
 # model
 parser.add_argument("--pooling", choices=["cls", "mean", "last"], help="default: the model's")
 parser.add_argument("--query_prefix", help="instruction before each query (default: the model's)")
 parser.add_argument("--doc_prefix", help="instruction before each document (default: the model's)")
-parser.add_argument("--attention_dropout", type=float, help="on attention probabilities (0: fast on CPU)")
+parser.add_argument("--attention_dropout", type=data.share, help="on attention probabilities (0: fast on CPU)")
 parser.add_argument("--separate_towers", action="store_true", help="queries get their own copy of the encoder")
 # loss
-parser.add_argument("--temp", type=float, default=0.02, help="InfoNCE temperature (BGE 0.02; ST's scale 20 = 0.05)")
+parser.add_argument("--temp", type=data.rate, default=0.02, help="InfoNCE temperature (BGE 0.02; ST's scale 20 = 0.05)")
 parser.add_argument("--loss", default="auto", choices=["auto", "reference", "fused"], help="auto: fused on big GPUs")
-parser.add_argument("--teacher_temp", type=float, help="distil the data's pos/neg_scores: KL at this temperature")
-parser.add_argument("--mrl_dims", type=lambda s: [int(k) for k in s.split(",")], help="Matryoshka, e.g. 384,256,128")
+parser.add_argument("--teacher_temp", type=data.rate, help="distil the data's pos/neg_scores: KL at this temperature")
+parser.add_argument("--mrl_dims", type=lambda s: [data.positive(k) for k in s.split(",")], help="Matryoshka: 384,128")
 # optimisation
-parser.add_argument("--batch_size", type=int, default=128, help="queries a step, over all ranks")
-parser.add_argument("--chunk_size", type=int, default=-1, help="texts a forward pass (gradient cache); 0: off")
-parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW)")
-parser.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-parser.add_argument("--warmup", type=float, default=0.1, help="linear warmup: a fraction of steps if < 1, else steps")
-parser.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
-parser.add_argument("--epochs", type=int, default=1, help="passes over the train data")
-parser.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
+parser.add_argument("--batch_size", type=data.positive, default=128, help="queries a step, over all ranks")
+parser.add_argument("--chunk_size", type=data.count, help="texts a forward pass (gradient cache); 0: off")
+parser.add_argument("--lr", type=data.rate, default=2e-5, help="peak learning rate (AdamW)")
+parser.add_argument("--weight_decay", type=data.nonnegative, default=0.01, help="AdamW weight decay")
+parser.add_argument("--warmup", type=data.nonnegative, default=0.1, help="a fraction of steps if < 1, else steps")
+parser.add_argument("--max_grad_norm", type=data.nonnegative, default=1.0, help="clip the gradient norm (0: off)")
+parser.add_argument("--epochs", type=data.positive, default=1, help="passes over the train data")
+parser.add_argument("--max_steps", type=data.count, default=0, help="stop after this many steps (0: all epochs)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
 # output
 parser.add_argument("--out_dir", default="runs/train", help="model/, train_state.pt and log.jsonl go here")
-parser.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-parser.add_argument("--log_every", type=int, default=1, help="print a log line every N steps")
+parser.add_argument("--save_every", type=data.count, default=0, help="checkpoint every N steps (0: only at the end)")
+parser.add_argument("--log_every", type=data.positive, default=1, help="print a log line every N steps")
 parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"], help="continue --out_dir's "
                     "checkpoint (auto: if there is one)")
 
@@ -84,6 +85,8 @@ def load_examples(args):
         raise data.InputError(f"--teacher_temp needs pos_scores and neg_scores in every line of {source}")
     if len(examples) < args.batch_size:
         raise data.InputError(f"--batch_size {args.batch_size} is larger than the {len(examples)} training queries")
+    # a fingerprint of the data: resuming on a changed file would silently continue another run
+    args.data_hash = hashlib.blake2b(json.dumps(examples, sort_keys=True).encode(), digest_size=8).hexdigest()
     return examples, all("pos_ids" in ex and ("neg_ids" in ex or not ex["neg"]) for ex in examples)
 
 def batches(model, examples, use_ids, args, steps, steps_per_epoch, rank, world):
@@ -249,11 +252,15 @@ def load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, wor
         if args.resume == "last":
             raise data.InputError(f"--resume: no checkpoint {path} (use --resume auto to start fresh)")
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for name in ("model", "separate_towers", "batch_size", "seed", "group_size", "train_data", "dataset", "epochs"):
-        if state["args"][name] != vars(args)[name]:  # another model, or a data position that means another thing
-            raise data.InputError(f"{path}: it was trained with --{name} {state['args'][name]}, not "
-                                  f"{vars(args)[name]}; use another --out_dir, or the same flags")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise data.InputError(f"{path}: cannot read it ({type(e).__name__}); use another --out_dir") from None
+    for name in ("model", "separate_towers", "batch_size", "seed", "group_size", "train_data", "dataset", "epochs",
+                 "data_hash"):
+        if state["args"].get(name) != vars(args)[name]:  # another model, or a data position meaning another thing
+            what = "other data" if name == "data_hash" else f"--{name} {state['args'][name]}, not {vars(args)[name]}"
+            raise data.InputError(f"{path}: it was trained with {what}; use another --out_dir, or the same flags")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -289,10 +296,10 @@ def plot_log(log_path, png):
 def main(args):
     device, rank, world = setup(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    chunk_size = args.chunk_size if args.chunk_size >= 0 else (256 if device.type == "cuda" else 32)
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.batch_size % world:
         raise data.InputError(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
+    lock = data.claim(args.out_dir) if rank == 0 else None  # noqa: F841 (held until the process ends)
     examples, use_ids = load_examples(args)
     steps_per_epoch = len(examples) // args.batch_size
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
@@ -303,6 +310,14 @@ def main(args):
                       attention_dropout=args.attention_dropout, pooling=args.pooling,
                       query_prefix=args.query_prefix, doc_prefix=args.doc_prefix, query_max_len=args.query_max_len,
                       passage_max_len=args.passage_max_len).to(device).train()  # dropout on, as in pretraining
+    if world > 1:  # a weight initialised at load (a new head) must start equal on every rank
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+    c = model.encoder.config  # auto chunk: BERT-base at 256 tokens takes 256 texts a pass on a GPU, other sizes alike
+    chunk_size = args.chunk_size if args.chunk_size is not None else 32 if device.type == "cpu" else max(1, int(
+        256 * 256 * 768 * 12 / (model.settings["passage_max_len"] * c.hidden_size * c.num_hidden_layers)))
+    if max(args.mrl_dims or [0]) > model.dim:
+        raise data.InputError(f"--mrl_dims {max(args.mrl_dims)}: the model's embeddings have {model.dim} dimensions")
     optimizer, scheduler = make_optimizer(model, args, total_steps, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")  # fp16 gradients underflow without it
     ctx = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")  # weights stay float32
@@ -316,7 +331,6 @@ def main(args):
     say(f"{len(examples)} queries | group {args.group_size} | batch {args.batch_size} over {world} process(es) | "
         f"{args.batch_size * args.group_size - 1} negatives a query | chunk {chunk_size or 'off'} | {dtype} on "
         f"{device} | steps {start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
-    os.makedirs(args.out_dir, exist_ok=True)
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: stop.update(signal=s))
@@ -326,7 +340,11 @@ def main(args):
     for batch in batches(model, examples, use_ids, args, range(start, total_steps), steps_per_epoch, rank, world):
         t0 = time.time()
         loss_fn = lambda q, d: compute_loss(q, d, batch, args)
-        loss, q, d, replay_err = train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device)
+        try:
+            loss, q, d, replay_err = train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device)
+        except torch.OutOfMemoryError:
+            raise data.InputError(f"out of memory at step {batch['step'] + 1}: lower --chunk_size (now {chunk_size}; "
+                                  f"memory grows with it, not with --batch_size) or --passage_max_len") from None
         if world > 1:
             all_reduce_grads(model.parameters())
         scaler.unscale_(optimizer)

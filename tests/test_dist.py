@@ -95,3 +95,22 @@ def test_one_gradient_all_reduce_a_step(tiny_model_nodropout, train16, tmp_path,
     # a step: each parameter's gradient and the metrics (3 numbers); 8 chunks a step at chunk 2, 2 at chunk 8
     step = sorted(sizes + [3])
     assert len(calls) == 2 * len(step) and sorted(calls[:len(step)]) == step == sorted(calls[len(step):]), calls
+
+
+def test_backend_and_gpu_follow_the_device(monkeypatch):
+    """Under torchrun the process group's backend follows --device (gloo for cpu even where CUDA exists, NCCL for
+    cuda, on this rank's GPU), and an explicit cuda:N is the GPU set (and so the one whose RNG a checkpoint keeps)."""
+    import model
+    calls = []
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(model.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(model.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw["device_id"])))
+    monkeypatch.setattr(model.dist, "get_rank", lambda: 0), monkeypatch.setattr(model.dist, "get_world_size", lambda: 2)
+    assert model.setup("cpu") == (torch.device("cpu"), 0, 2) and calls == [("gloo", None)]
+    calls.clear()
+    assert model.setup("cuda")[0] == torch.device("cuda", 1)
+    assert calls == [("set_device", "cuda:1"), ("nccl", torch.device("cuda", 1))]
+    calls.clear()
+    assert model.setup("cuda:0")[0] == torch.device("cuda", 0) and calls[0] == ("set_device", "cuda:0")

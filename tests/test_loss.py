@@ -140,3 +140,18 @@ def test_matryoshka_is_the_sum_of_per_dim_losses():
     # and each prefix really is re-normalised: the 4-dim loss alone differs from the raw truncation
     assert fn(q[:, :4], d[:, :4]).item() != pytest.approx(fn(F.normalize(q[:, :4], dim=-1),
                                                              F.normalize(d[:, :4], dim=-1)).item(), rel=1e-3)
+
+
+def test_fused_compiles_once_for_every_shape_and_positive_count():
+    """Batches of other sizes, group sizes and numbers of positives a query reuse one compilation of each tile
+    function (the false-negative mask is computed once a step, outside them)."""
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    for B, G, P in [(37, 4, 2), (20, 2, 3), (45, 3, 1), (16, 1, 5)]:
+        q, d, _ = _case(B, G, 16, False)
+        q_pos = torch.randint(0, B * G, (B, P))
+        fused_info_nce(q.requires_grad_(), d.requires_grad_(), 0.05, G, 0, torch.arange(B * G), q_pos,
+                       tile=(8, 20), compile=True).backward()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
