@@ -27,7 +27,7 @@ parser = data.parser(__doc__, device="auto", dtype="bf16")
 parser.add_argument("--what", default="all", choices=["loss", "train", "encode", "all"], help="comparison")
 parser.add_argument("--quick", action="store_true", help="CPU-sized settings")
 parser.add_argument("--reps", type=data.positive, default=3, help="repetitions (medians reported)")
-parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement
+parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # internal: one measurement
 
 def child(s):
     """One measurement in this fresh process: s["steps"] calls (the first warms up), then a RESULT line."""
@@ -55,7 +55,7 @@ def child(s):
         model.max_seq_length = s["max_len"]
         loss_fn = losses.CachedMultipleNegativesRankingLoss(model, scale=1 / 0.05, mini_batch_size=s["chunk"])
         opt, rows, B = torch.optim.AdamW(model.parameters(), lr=2e-5), data.read_train_jsonl(s["data"]), s["batch"]
-        batches = [[{k: v.to(device) for k, v in model.tokenize(list(col)).items()}
+        batches = [[{k: v.to(device) if torch.is_tensor(v) else v for k, v in model.tokenize(list(col)).items()}
                     for col in zip(*[(r["query"], r["pos"][0], r["neg"][0]) for r in rows[i:i + B]])]
                    for i in range(0, B * s["steps"], B)]
         def run():
@@ -67,17 +67,19 @@ def child(s):
         run()
         torch.cuda.synchronize() if device.type == "cuda" else None
         times.append(time.perf_counter())
-    seconds = statistics.median(b - a for a, b in zip(times[1:-1], times[2:]))  # the first call warms up
+    calls = [b - a for a, b in zip(times, times[1:])]
+    seconds = statistics.median(calls[1:] or calls)  # the first call warms up (where there are more)
     print("RESULT " + json.dumps({"seconds": seconds, "per_s": s.get("n", 1) / seconds, "peak_gb": peak(),
                                   "extra_gb": peak() - base}))
 
 def compare(what, sides, reps, keys, **settings):
-    """sides: name -> (repetition -> (command, train.py's log or None)), the baseline last; print medians of keys."""
+    """sides: name -> (repetition -> (command, train.py's log or None, stdin)), the baseline last; print medians."""
     res = {name: [] for name in sides}
     for r, name in ((r, name) for r in range(reps) for name in sides):
-        cmd, log = sides[name](r)
+        cmd, log, spec = sides[name](r)
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        p = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
         if p.returncode:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-3000:]}")
         out = {"wall": time.perf_counter() - t0}  # the whole process: imports, loading, tokenising and all
@@ -114,11 +116,11 @@ def workload(args, cuda, tmp):
         dict(batch=64, chunk=16, steps=3, max_len=256, encode_batch=32)
 
 def main(args):
-    if args.child:
-        return child(json.loads(args.child))
+    if args.child:  # the measurement's spec comes on stdin (texts too long for a command line)
+        return child(json.load(sys.stdin))
     import torch
     cuda, tmp = torch.cuda.is_available() and args.device != "cpu", tempfile.mkdtemp()
-    spawn = lambda **s: ([sys.executable, __file__, "--child", json.dumps({"device": args.device, **s})], None)
+    spawn = lambda **s: ([sys.executable, __file__, "--child"], None, {"device": args.device, **s})
     if args.what in ("loss", "all"):
         shape, dtype = ([8192, 65536, 768], "bf16") if cuda else ([4096, 32768, 64], "fp32")
         loss = lambda kind: lambda r: spawn(kind=kind, shape=shape, dtype=dtype, steps=4)
@@ -127,7 +129,7 @@ def main(args):
     folder, rows, docs, queries, s = workload(args, cuda, tmp) if args.what != "loss" else (None,) * 5
     if args.what in ("encode", "all"):
         encode = lambda kind: lambda r: spawn(kind=kind, model=folder, doc=docs, query=queries,
-                                              n=len(docs) + len(queries), **{**s, "steps": 2})
+                                              n=len(docs) + len(queries), **{**s, "steps": 2 if cuda else 1})
         compare("encode", {"ours": encode("ours_encode"), "st": encode("st_encode")}, args.reps, ["per_s", "wall"],
                 docs=len(docs), queries=len(queries), weights="bf16", batch=s["encode_batch"])
     if args.what in ("train", "all"):
@@ -136,7 +138,7 @@ def main(args):
                  "--group_size", 2, "--query_max_len", s["max_len"], "--passage_max_len", s["max_len"], "--temp",
                  0.05, "--dtype", args.dtype, "--device", args.device]
         ours = lambda chunk: lambda r: ([sys.executable, "train.py", *map(str, flags), "--chunk_size", str(chunk),
-                                         "--out_dir", f"{tmp}/{chunk}_{r}"], f"{tmp}/{chunk}_{r}/log.jsonl")
+                                         "--out_dir", f"{tmp}/{chunk}_{r}"], f"{tmp}/{chunk}_{r}/log.jsonl", None)
         st = lambda r: spawn(kind="st_train", model=folder, data=train_file, dtype=args.dtype, n=s["batch"], **s)
         res = compare("train", {"ours": ours(s["chunk"]), "ours_no_cache": ours(0), "st": st}, args.reps,
                       ["per_s", "peak_gb", "wall"], group=2, dtype=args.dtype, **s)
