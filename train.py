@@ -370,7 +370,7 @@ def main(args):
         row = {"step": step, "epoch": batch["epoch"], "loss": loss_v, "acc": acc, "lr": lr, "grad_norm": grad_norm,
                "replay_err": replay_err, "q_per_s": args.batch_size / seconds, "tokens_per_s": tokens / seconds,
                "seconds": seconds, "mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else
-               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # peak RSS (Linux counts KiB)
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}  # peak RSS (KiB on Linux)
         if rank == 0:
             log.write(json.dumps(row) + "\n")
             log.flush()

@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny random BERT (with the real MiniLM tokenizer), the real data in ../shared, and an
 offline ir_datasets home."""
 import os
-import shutil
 import sys
 
 import pytest
@@ -36,11 +35,8 @@ def scifact_subset(folder, n_queries=60, n_docs=500, seed=0, split="test"):
 
 @pytest.fixture(scope="session", autouse=True)
 def ir_datasets_home(tmp_path_factory):
-    """A writable copy of ../shared/ir_datasets, so ir_datasets ids work offline."""
-    if "IR_DATASETS_HOME" not in os.environ:
-        home = tmp_path_factory.mktemp("ir_datasets")
-        shutil.copytree(os.path.join(SHARED, "ir_datasets"), home, dirs_exist_ok=True)
-        os.environ["IR_DATASETS_HOME"] = str(home)
+    """ir_datasets' files in a fresh folder: data.py copies the zips of the data mirror (../shared) there."""
+    os.environ.setdefault("IR_DATASETS_HOME", str(tmp_path_factory.mktemp("ir_datasets")))
     return os.environ["IR_DATASETS_HOME"]
 
 
