@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -120,22 +121,27 @@ def read_json(path):
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read it as JSON ({e})") from None
 
-def read_lines(path):
-    """Yield (line number, line) for each non-empty line of a UTF-8 text file (a byte-order mark is skipped)."""
+def read_lines(path, offsets=None):
+    """Yield (line number, line) for each non-empty line of a UTF-8 text file (a byte-order mark is skipped);
+    offsets, a list, gets each yielded line's position in the file."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
-    with open(path, encoding="utf-8-sig") as f:
-        n = 0
-        try:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    yield n, line
-        except UnicodeDecodeError:
-            raise InputError(f"{path}:{n + 1}: not UTF-8 text") from None
+    with open(path, "rb") as f:
+        position = 0
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff" if n == 1 else "")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{n}: not UTF-8 text") from None
+            if line.strip() and offsets is not None:
+                offsets.append(position)
+            position += len(raw)
+            if line.strip():
+                yield n, line
 
-def read_jsonl(path):
+def read_jsonl(path, offsets=None):
     """Yield (line number, dict) for each non-empty line; a malformed line raises InputError naming it."""
-    for n, line in read_lines(path):
+    for n, line in read_lines(path, offsets):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -175,19 +181,46 @@ def load_dataset(ref, split=None):
 def _doc_text(title, text):
     return ((title or "") + " " + (text or "")).strip()
 
+class Corpus(Mapping):
+    """{doc_id: text} without holding the texts: the ids, and read(row, id), which reads a document's text when it
+    is asked for (from its place in corpus.jsonl, or from ir_datasets' docstore). Encoding reads the corpus a
+    shard at a time; mining reads the negatives it writes."""
+
+    def __init__(self, ids, read):
+        self.ids, self.read, self.rows = ids, read, {i: n for n, i in enumerate(ids)}
+
+    def __getitem__(self, doc_id):
+        return self.read(self.rows[doc_id], doc_id)
+
+    def __contains__(self, doc_id):
+        return doc_id in self.rows
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def __len__(self):
+        return len(self.ids)
+
 def _load_beir_folder(folder, split):
     if not split:
         raise InputError(f"{folder}: a BEIR folder needs --split (e.g. test)")
-    corpus, queries = {}, {}
-    for name, texts in (("corpus", corpus), ("queries", queries)):
-        path = os.path.join(folder, f"{name}.jsonl")
-        for n, row in read_jsonl(path):
+    texts, offsets = {}, []  # the queries' texts; the corpus's ids and the positions of their lines
+    for name in ("corpus", "queries"):
+        path, ids = os.path.join(folder, f"{name}.jsonl"), {}
+        for n, row in read_jsonl(path, offsets if name == "corpus" else None):
             text, i = _doc_text(row.get("title"), row.get("text")), str(row.get("_id", ""))
-            if not i or i.split() != [i] or i in texts or not text:  # ids are space-separated in run files
-                raise InputError(f"{path}:{n}: " + (f"id {i!r} again" if i in texts else "each line needs an '_id' "
+            if not i or i.split() != [i] or i in ids or not text:  # ids are space-separated in run files
+                raise InputError(f"{path}:{n}: " + (f"id {i!r} again" if i in ids else "each line needs an '_id' "
                                                     "without spaces and a non-empty 'text' (or 'title')"))
-            texts[i] = text
-    return corpus, queries, read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
+            ids[i] = text if name == "queries" else None
+        texts[name] = ids
+    lines = open(os.path.join(folder, "corpus.jsonl"), "rb")  # kept open: one seek a text read
+
+    def read(row, doc_id):
+        lines.seek(offsets[row])
+        doc = json.loads(lines.readline())
+        return _doc_text(doc.get("title"), doc.get("text"))
+    return Corpus(list(texts["corpus"]), read), texts["queries"], read_qrels(f"{folder}/qrels/{split}.tsv")
 
 def read_qrels(path):
     """BEIR qrels tsv (`query-id corpus-id score`, header optional) or TREC qrels (`qid 0 docid grade`)."""
@@ -220,10 +253,12 @@ def _load_ir_datasets(dataset_id):
         raise InputError(f"{dataset_id!r} is neither a folder nor a dataset id that ir_datasets knows "
                          f"(e.g. beir/scifact/test)") from None
     try:
-        docs = [(d.doc_id, _doc_text(getattr(d, "title", ""), d.text)) for d in ds.docs_iter()]
-        corpus, queries = dict(docs), {q.query_id: q.text.strip() for q in ds.queries_iter()}
-        if len(corpus) < len(docs):  # the last text of a repeated id is kept: say so
-            print(f"{dataset_id}: {len(docs) - len(corpus)} repeated document ids, each kept once (its last text)")
+        ids, store = [d.doc_id for d in ds.docs_iter()], ds.docs_store()  # texts: read from its docstore when asked
+        if len(set(ids)) < len(ids):
+            print(f"{dataset_id}: {len(ids) - len(set(ids))} repeated document ids, each kept once")
+        corpus = Corpus(list(dict.fromkeys(ids)), lambda row, i: _doc_text(getattr(d := store.get(i), "title", ""),
+                                                                           d.text))
+        queries = {q.query_id: q.text.strip() for q in ds.queries_iter()}
         qrels = {}
         for r in (ds.qrels_iter() if ds.has_qrels() else []):
             qrels.setdefault(r.query_id, {})[r.doc_id] = int(r.relevance)

@@ -20,7 +20,7 @@ parser = data.parser(__doc__, model=None, dataset="beir/scifact/test", split=Non
                      device="auto", out=...)
 parser.add_argument("--max_len", type=data.positive, help="override the checkpoint's passage max length")
 parser.add_argument("--store", default="fp16", choices=["fp16", "fp32"], help="dtype of the saved .npy files")
-parser.add_argument("--shard_size", type=data.positive, default=1_000_000, help="documents a shard")
+parser.add_argument("--shard_size", type=data.positive, default=100_000, help="documents a shard")
 
 def main(args):
     device, rank, world = setup(args.device)

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import data
 from conftest import ROOT
 from test_train import flat, make_train_file
 
@@ -110,3 +111,32 @@ def test_non_finite_loss_stops_with_the_step(tiny_model, train_file, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert last.startswith("error: step 1: loss is") and "lower --lr" in last, last
+
+
+def test_sigkill_during_a_sharded_encode_then_rerun_gives_the_same_files(tiny_model, tmp_path):
+    """encode.py killed after a few of its shards, then the same command: the files of an uninterrupted run."""
+    folder = tmp_path / "b"
+    (folder / "qrels").mkdir(parents=True)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    data.write_jsonl(folder / "corpus.jsonl", [{"_id": f"d{i}", "text": " ".join(words[(i * 7 + j) % 10]
+                                                for j in range(5 + i % 40))} for i in range(3000)])
+    data.write_jsonl(folder / "queries.jsonl", [{"_id": "q1", "text": "alpha beta"}])
+    (folder / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
+    cmd = lambda out: [sys.executable, "encode.py", "--model", tiny_model, "--dataset", str(folder), "--split", "test",
+                       "--shard_size", "100", "--batch_size", "8", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd(tmp_path / "full"), cwd=ROOT, check=True, capture_output=True, env=env)
+    p = subprocess.Popen(cmd(tmp_path / "killed"), cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    t0 = time.time()
+    while len(list((tmp_path / "killed").glob("corpus.*.ids.txt"))) < 3 and time.time() - t0 < 240:
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(list((tmp_path / "killed").glob("corpus.*.ids.txt")))
+    assert 3 <= done < 30, done
+    subprocess.run(cmd(tmp_path / "killed"), cwd=ROOT, check=True, capture_output=True, env=env)
+    names = sorted(f.name for f in (tmp_path / "full").iterdir())
+    assert names == sorted(f.name for f in (tmp_path / "killed").iterdir() if f.name != ".lock")
+    for name in names:
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
