@@ -21,8 +21,12 @@ import sys
 import tempfile
 import time
 
-import data
+import torch
 
+import data
+from model import DTYPES, Bert, for_inference, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 parser = data.parser(__doc__, device="auto", dtype="bf16")
 parser.add_argument("--what", default="all", choices=["loss", "train", "encode", "all"], help="comparison")
 parser.add_argument("--quick", action="store_true", help="CPU-sized settings")
@@ -31,8 +35,6 @@ parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # i
 
 def child(s):
     """One measurement in this fresh process: s["steps"] calls (the first warms up), then a RESULT line."""
-    import torch
-    from model import DTYPES, for_inference, setup
     device = setup(s["device"])[0]
     peak = lambda: (torch.cuda.max_memory_allocated() if device.type == "cuda" else
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
@@ -78,15 +80,13 @@ def compare(what, sides, reps, keys, **settings):
     for r, name in ((r, name) for r in range(reps) for name in sides):
         cmd, log, spec = sides[name](r)
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        p = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, cwd=ROOT)
         if p.returncode:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-3000:]}")
         out = {"wall": time.perf_counter() - t0}  # the whole process: imports, loading, tokenising and all
         out.update(*(json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")))
         if log:  # train.py: its own log, the steps after the first (which warms up)
-            with open(log) as f:
-                steps = [json.loads(line) for line in f][1:]
+            steps = [json.loads(line) for line in open(log)][1:]
             out.update(per_s=statistics.median(x["q_per_s"] for x in steps), peak_gb=steps[-1]["mem_gb"])
         res[name].append(out)
     *ours, base = res
@@ -98,7 +98,6 @@ def compare(what, sides, reps, keys, **settings):
 
 def workload(args, cuda, tmp):
     """(model folder, train rows, docs, queries, sizes): the GPU setting, or the CPU one (--quick)."""
-    from model import Bert
     if cuda and not args.quick:
         from transformers import AutoTokenizer, BertConfig
         folder, tok = os.path.join(tmp, "bert-base"), AutoTokenizer.from_pretrained(data.default_model())
@@ -118,7 +117,6 @@ def workload(args, cuda, tmp):
 def main(args):
     if args.child:  # the measurement's spec comes on stdin (texts too long for a command line)
         return child(json.load(sys.stdin))
-    import torch
     cuda, tmp = torch.cuda.is_available() and args.device != "cpu", tempfile.mkdtemp()
     spawn = lambda **s: ([sys.executable, __file__, "--child"], None, {"device": args.device, **s})
     if args.what in ("loss", "all"):

@@ -116,7 +116,7 @@ def search(q, shards, k, device="cpu", rows=1024, cols=65536):
     different matrix shapes, and ties must not depend on how the corpus was cut into shards."""
     q = unit(torch.as_tensor(q).to(device, torch.float64))
     best, first = torch.empty(len(q), 0, dtype=torch.int64, device=device), 0  # keys of the best so far
-    for shard in shards:
+    for shard in tqdm(shards, desc="search", unit="shard", mininterval=2, disable=None):
         shard = torch.as_tensor(shard)
         for c in range(0, len(shard), cols):
             d = unit(shard[c:c + cols].to(device, torch.float64))
