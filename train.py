@@ -202,6 +202,13 @@ def train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device):
     set_rng_state(after_pass1, device)  # the next step's dropout continues from where pass 1 left it
     return loss.detach(), q.detach(), d.detach(), err.item()
 
+def auto_chunk(model, device):
+    """Texts a forward pass when --chunk_size is not given: 32 on a CPU; on a GPU a budget of activations, 256
+    texts for BERT-base at 256 tokens, fewer for a wider, deeper model or longer documents."""
+    c = model.encoder.config
+    return 32 if device.type == "cpu" else max(1, 256 * 256 * 768 * 12 // (
+        model.settings["passage_max_len"] * c.hidden_size * c.num_hidden_layers))
+
 def all_reduce_grads(params):
     """Sum parameter gradients over ranks, once a step after the last chunk: every all-reduce started at once
     (asynchronously, on each gradient in place: no copy), then waited for."""
@@ -313,9 +320,7 @@ def main(args):
     if world > 1:  # a weight initialised at load (a new head) must start equal on every rank
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, 0)
-    c = model.encoder.config  # auto chunk: BERT-base at 256 tokens takes 256 texts a pass on a GPU, other sizes alike
-    chunk_size = args.chunk_size if args.chunk_size is not None else 32 if device.type == "cpu" else max(1, int(
-        256 * 256 * 768 * 12 / (model.settings["passage_max_len"] * c.hidden_size * c.num_hidden_layers)))
+    chunk_size = args.chunk_size if args.chunk_size is not None else auto_chunk(model, device)
     if max(args.mrl_dims or [0]) > model.dim:
         raise data.InputError(f"--mrl_dims {max(args.mrl_dims)}: the model's embeddings have {model.dim} dimensions")
     optimizer, scheduler = make_optimizer(model, args, total_steps, device)

@@ -138,8 +138,9 @@ def test_limits_of_the_model_and_the_embeddings(tmp_path, tiny_model):
     run("encode", "--model", tiny_model, "--dataset", tmp_path / "b", "--split", "test", "--out", tmp_path / "e")
     with pytest.raises(data.InputError, match="--dim 64: the embeddings have 32 dimensions"):
         run("evaluate", "--emb", tmp_path / "e", "--dataset", tmp_path / "b", "--split", "test", "--dim", 64)
-    with pytest.raises(data.InputError, match="--index 'Bogus': faiss refused it"):
-        run("evaluate", "--emb", tmp_path / "e", "--dataset", tmp_path / "b", "--split", "test", "--index", "Bogus")
+    for index in ("Bogus", "IVF1024,Flat"):  # a string faiss rejects; an index wanting more training points
+        with pytest.raises(data.InputError, match=f"--index '{index}': faiss refused it"):
+            run("evaluate", "--emb", tmp_path / "e", "--dataset", tmp_path / "b", "--split", "test", "--index", index)
     with pytest.raises(data.InputError, match="--device cuda: no GPU"):
         run("encode", "--device", "cuda", "--dataset", tmp_path / "b", "--split", "test", "--out", tmp_path / "f")
     with pytest.raises(data.InputError, match="--device 'tpu'"):
@@ -150,6 +151,18 @@ def test_limits_of_the_model_and_the_embeddings(tmp_path, tiny_model):
     with pytest.raises(data.InputError, match="this folder holds an encoding with dataset"):
         beir(tmp_path / "c")
         run("encode", "--model", tiny_model, "--dataset", tmp_path / "c", "--split", "test", "--out", tmp_path / "e")
+
+
+def test_a_failed_download_is_one_line(monkeypatch):
+    """No network: ir_datasets' download raises requests' ConnectionError (an OSError) while iterating."""
+    import ir_datasets
+
+    class Offline:
+        def docs_iter(self):
+            raise OSError("Max retries exceeded")
+    monkeypatch.setattr(ir_datasets, "load", lambda dataset_id: Offline())
+    with pytest.raises(data.InputError, match="ir_datasets could not get beir/fiqa/test .* check the network"):
+        data.load_dataset("beir/fiqa/test")
 
 
 def test_damaged_files(tmp_path, tiny_model):

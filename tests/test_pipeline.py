@@ -193,6 +193,13 @@ def test_mine_train_encode_evaluate_on_scifact_subset(tiny_model, tmp_path):
     from_model = evaluate.main(evaluate.parser.parse_args(["--model", ckpt, "--dataset", folder, "--split", "test"]))
     assert from_emb["queries"] == 24 and 0 < from_emb["ndcg@10"] <= 1
     assert from_emb["ndcg@10"] == pytest.approx(from_model["ndcg@10"], abs=0.02)  # float16 storage vs float32
+    # mining again from encode.py's vectors of the same corpus and model (fp32 stored) writes the same file
+    encode.main(encode.parser.parse_args(["--model", tiny_model, "--dataset", folder, "--split", "test", "--store",
+                                          "fp32", "--out", str(tmp_path / "emb0")]))
+    again = mine.main(mine.parser.parse_args(["--model", tiny_model, "--dataset", folder, "--split", "test", "--range",
+                                              "2-30", "--num_neg", "3", "--emb", str(tmp_path / "emb0"),
+                                              "--out", str(tmp_path / "mined2.jsonl")]))
+    assert again == rows
     run = (tmp_path / "ev" / "run.trec").read_text().splitlines()
     assert len(run) == 24 * 200 and run[0].split()[1:4:2] == ["Q0", "1"]
 

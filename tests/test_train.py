@@ -176,3 +176,14 @@ def test_distillation_trains_and_needs_scores(tiny_model, train_file, tmp_path):
     assert len(log) == 2 and all(row["replay_err"] == 0.0 for row in log)
     with pytest.raises(data.InputError, match="pos_scores and neg_scores"):
         run(tiny_model, train_file, tmp_path / "nokd", "--teacher_temp", 0.05)
+
+
+def test_auto_chunk_follows_the_model_and_the_length():
+    """On a GPU the automatic chunk is an activation budget: BERT-base at 256 tokens 256 texts, BERT-large at 512
+    (the size that ran out of memory at 256) 48, MiniLM-L6 at 256 1024; on a CPU 32."""
+    from types import SimpleNamespace as NS
+    model = lambda width, layers, length: NS(encoder=NS(config=NS(hidden_size=width, num_hidden_layers=layers)),
+                                             settings={"passage_max_len": length})
+    gpu = torch.device("cuda")
+    assert [train.auto_chunk(model(*m), gpu) for m in ((768, 12, 256), (1024, 24, 512), (384, 6, 256))] == [256, 48, 1024]
+    assert train.auto_chunk(model(768, 12, 256), torch.device("cpu")) == 32
