@@ -12,6 +12,8 @@ within a shard, so each batch pads only to its own longest text; the order is re
 """
 import time
 
+import torch
+
 import data
 import retrieval
 from model import for_inference, setup
@@ -24,7 +26,9 @@ parser.add_argument("--shard_size", type=data.positive, default=100_000, help="d
 
 def main(args):
     device, rank, world = setup(args.device)
-    data.output(args.out)
+    lock = data.claim(args.out) if rank == 0 else None  # noqa: F841 (one writer; a killed run's temporary files go)
+    if world > 1:
+        torch.distributed.barrier()  # the others write only once rank 0 has cleaned
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     corpus, queries, _ = data.load_dataset(args.dataset, args.split)
     model = for_inference(args.model, device, dtype, passage_max_len=args.max_len)
