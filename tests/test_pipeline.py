@@ -2,10 +2,7 @@
 sentence-transformers parity, bad input, and the README's commands."""
 import json
 import os
-import platform
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
