@@ -62,22 +62,23 @@ def main(args):
     dim = slice(0, args.dim)  # all dimensions when --dim is not given
     if args.emb:  # an encode.py folder: the corpus a shard at a time, the queries the qrels name
         docs, model_name = retrieval.Shards(args.emb), args.emb
-        if set(docs.ids) != set(corpus):
+        if len(docs.ids) != len(corpus) or not all(map(corpus.__contains__, docs.ids)):
             raise data.InputError(f"{args.emb}: its corpus ids are not those of {args.dataset}")
         emb_ids, emb = retrieval.load_embeddings(args.emb, "queries")
         row = {qid: i for i, qid in enumerate(emb_ids)}
         missing = [q for q in q_ids if q not in row]
         if missing:
             raise data.InputError(f"{args.emb}: no embedding for {len(missing)} qrels queries, e.g. {missing[0]!r}")
-        q_emb, d_ids, shards = emb[[row[q] for q in q_ids]], docs.ids, (m[:, dim] for m in docs)
+        q_emb, d_ids, shards, width = emb[[row[q] for q in q_ids]], docs.ids, (m[:, dim] for m in docs), emb.shape[1]
     else:
-        model_name = args.model
+        model_name, d_ids = args.model, list(corpus)
         model = for_inference(args.model, device, args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-        d_ids = list(corpus)
+        width = model.dim
+    if (args.dim or 0) > width:  # before any encoding
+        raise data.InputError(f"--dim {args.dim}: the embeddings have {width} dimensions")
+    if not args.emb:
         shards = [model.encode([corpus[i] for i in d_ids], "doc", args.batch_size, "encode corpus")[:, dim]]
         q_emb = model.encode([queries[q] for q in q_ids], "query", args.batch_size)
-    if (args.dim or 0) > q_emb.shape[1]:
-        raise data.InputError(f"--dim {args.dim}: the embeddings have {q_emb.shape[1]} dimensions")
     k = args.k + args.ignore_identical_ids  # one more, so that each query still gets k after dropping its own id
     if args.index == "Flat":
         scores, idx = retrieval.search(q_emb[:, dim], shards, k, device)
