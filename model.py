@@ -164,7 +164,7 @@ def load_encoder(path, attention_dropout=None):
         setattr(config, name, attention_dropout)
     model = Bert.load(path, config)
     if model is None:
-        from transformers import AutoModel  # imported here only: seconds of imports that a BERT never needs
+        from transformers import AutoModel  # imported here only: a heavy import that a BERT never needs
         model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa")
     return model
 
