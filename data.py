@@ -187,7 +187,7 @@ class Corpus(Mapping):
     shard at a time; mining reads the negatives it writes."""
 
     def __init__(self, ids, read):
-        self.ids, self.read, self.rows = ids, read, {i: n for n, i in enumerate(ids)}
+        self.read, self.rows = read, {i: n for n, i in enumerate(ids)}  # id -> its row; in order, once each
 
     def __getitem__(self, doc_id):
         return self.read(self.rows[doc_id], doc_id)
@@ -196,10 +196,10 @@ class Corpus(Mapping):
         return doc_id in self.rows
 
     def __iter__(self):
-        return iter(self.ids)
+        return iter(self.rows)
 
     def __len__(self):
-        return len(self.ids)
+        return len(self.rows)
 
 def _load_beir_folder(folder, split):
     if not split:
@@ -220,7 +220,7 @@ def _load_beir_folder(folder, split):
         lines.seek(offsets[row])
         doc = json.loads(lines.readline())
         return _doc_text(doc.get("title"), doc.get("text"))
-    return Corpus(list(texts["corpus"]), read), texts["queries"], read_qrels(f"{folder}/qrels/{split}.tsv")
+    return Corpus(texts["corpus"], read), texts["queries"], read_qrels(f"{folder}/qrels/{split}.tsv")
 
 def read_qrels(path):
     """BEIR qrels tsv (`query-id corpus-id score`, header optional) or TREC qrels (`qid 0 docid grade`)."""
@@ -254,10 +254,9 @@ def _load_ir_datasets(dataset_id):
                          f"(e.g. beir/scifact/test)") from None
     try:
         ids, store = [d.doc_id for d in ds.docs_iter()], ds.docs_store()  # texts: read from its docstore when asked
-        if len(set(ids)) < len(ids):
-            print(f"{dataset_id}: {len(ids) - len(set(ids))} repeated document ids, each kept once")
-        corpus = Corpus(list(dict.fromkeys(ids)), lambda row, i: _doc_text(getattr(d := store.get(i), "title", ""),
-                                                                           d.text))
+        corpus = Corpus(ids, lambda row, i: _doc_text(getattr(d := store.get(i), "title", ""), d.text))
+        if len(corpus) < len(ids):
+            print(f"{dataset_id}: {len(ids) - len(corpus)} repeated document ids, each kept once")
         queries = {q.query_id: q.text.strip() for q in ds.queries_iter()}
         qrels = {}
         for r in (ds.qrels_iter() if ds.has_qrels() else []):

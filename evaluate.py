@@ -62,7 +62,7 @@ def main(args):
     dim = slice(0, args.dim)  # all dimensions when --dim is not given
     if args.emb:  # an encode.py folder: the corpus a shard at a time, the queries the qrels name
         docs, model_name = retrieval.Shards(args.emb), args.emb
-        if len(docs.ids) != len(corpus) or not all(map(corpus.__contains__, docs.ids)):
+        if not docs.covers(corpus):
             raise data.InputError(f"{args.emb}: its corpus ids are not those of {args.dataset}")
         emb_ids, emb = retrieval.load_embeddings(args.emb, "queries")
         row = {qid: i for i, qid in enumerate(emb_ids)}

@@ -70,11 +70,11 @@ def main(args):
     folder = args.emb or args.out + ".emb"  # without --emb the corpus is encoded here (each rank its shards)
     if not args.emb:
         meta = {"model": args.model, "dataset": args.dataset, "split": args.split, "dtype": dtype, **model.settings}
-        retrieval.encode_corpus(model, corpus, folder, meta, 1_000_000, "fp32", args.batch_size, rank, world)
+        retrieval.encode_corpus(model, corpus, folder, meta, 100_000, "fp32", args.batch_size, rank, world)
     if rank != 0:  # rank 0 searches and writes
         return []
     docs = retrieval.Shards(folder)
-    if args.emb and (docs.meta["model"] != args.model or set(docs.ids) != set(corpus)):
+    if args.emb and (docs.meta["model"] != args.model or not docs.covers(corpus)):
         raise data.InputError(f"--emb {args.emb}: an encoding of {docs.meta['model']} over {docs.meta['dataset']}, "
                               f"not of {args.model} over {args.dataset}")
     q_emb = model.encode([ex["query"] for ex in examples], "query", args.batch_size)

@@ -78,6 +78,10 @@ class Shards:
         self.ids, self.mats = [i for ids, _ in parts for i in ids], [m for _, m in parts]
         self.first = np.cumsum([0] + [len(m) for m in self.mats])  # the first row of each shard
 
+    def covers(self, corpus):
+        """Whether these are the vectors of exactly this corpus's documents (no set of millions of ids built)."""
+        return len(self.ids) == len(corpus) and all(map(corpus.__contains__, self.ids))
+
     def __iter__(self):
         return (np.array(m, dtype=np.float32) for m in self.mats)  # each a copy in memory, one at a time
 
