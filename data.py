@@ -36,7 +36,6 @@ def run(main, parser):
     except InputError as e:
         sys.exit(f"error: {e}")
 
-
 # ---------------------------------------------------------------------------------------------- shared flags
 
 def number(cast, low, high=float("inf"), strict=False):
@@ -86,7 +85,6 @@ def int_range(text):
     if not (start.isdigit() and end.isdigit() and int(start) < int(end)):
         raise argparse.ArgumentTypeError(f"{text!r}: expected START-END with 0 <= START < END, e.g. 10-100")
     return int(start), int(end)
-
 
 # ---------------------------------------------------------------------------------------------- files
 
@@ -157,7 +155,6 @@ def read_ids(path, known):
             raise InputError(f"{path}:{n}: query id {line.strip()!r} is not in the dataset's qrels")
     return sorted({line.strip() for _, line in read_lines(path)})
 
-
 # ---------------------------------------------------------------------------------------------- datasets
 
 def load_dataset(ref, split=None):
@@ -201,26 +198,34 @@ class Corpus(Mapping):
     def __len__(self):
         return len(self.rows)
 
-def _load_beir_folder(folder, split):
-    if not split:
-        raise InputError(f"{folder}: a BEIR folder needs --split (e.g. test)")
-    texts, offsets = {}, []  # the queries' texts; the corpus's ids and the positions of their lines
-    for name in ("corpus", "queries"):
-        path, ids = os.path.join(folder, f"{name}.jsonl"), {}
-        for n, row in read_jsonl(path, offsets if name == "corpus" else None):
-            text, i = _doc_text(row.get("title"), row.get("text")), str(row.get("_id", ""))
-            if not i or i.split() != [i] or i in ids or not text:  # ids are space-separated in run files
-                raise InputError(f"{path}:{n}: " + (f"id {i!r} again" if i in ids else "each line needs an '_id' "
-                                                    "without spaces and a non-empty 'text' (or 'title')"))
-            ids[i] = text if name == "queries" else None
-        texts[name] = ids
-    lines = open(os.path.join(folder, "corpus.jsonl"), "rb")  # kept open: one seek a text read
+def read_texts(path, offsets=None):
+    """{id: text} of a BEIR corpus.jsonl or queries.jsonl, each id once and without spaces (run files are
+    space-separated), each text non-empty; with offsets (a list), {id: None} and each line's position appended."""
+    texts = {}
+    for n, row in read_jsonl(path, offsets):
+        text, i = _doc_text(row.get("title"), row.get("text")), str(row.get("_id", ""))
+        if not i or i.split() != [i] or i in texts or not text:
+            raise InputError(f"{path}:{n}: " + (f"id {i!r} again" if i in texts else "each line needs an '_id' "
+                                                "without spaces and a non-empty 'text' (or 'title')"))
+        texts[i] = text if offsets is None else None
+    return texts
+
+def read_corpus(path):
+    """A BEIR corpus.jsonl as a Corpus: its ids and the positions of their lines; a text is read when asked."""
+    offsets = []
+    ids, lines = read_texts(path, offsets), open(path, "rb")  # kept open: one seek a text read
 
     def read(row, doc_id):
         lines.seek(offsets[row])
         doc = json.loads(lines.readline())
         return _doc_text(doc.get("title"), doc.get("text"))
-    return Corpus(texts["corpus"], read), texts["queries"], read_qrels(f"{folder}/qrels/{split}.tsv")
+    return Corpus(ids, read)
+
+def _load_beir_folder(folder, split):
+    if not split:
+        raise InputError(f"{folder}: a BEIR folder needs --split (e.g. test)")
+    return (read_corpus(os.path.join(folder, "corpus.jsonl")), read_texts(os.path.join(folder, "queries.jsonl")),
+            read_qrels(os.path.join(folder, "qrels", f"{split}.tsv")))
 
 def read_qrels(path):
     """BEIR qrels tsv (`query-id corpus-id score`, header optional) or TREC qrels (`qid 0 docid grade`)."""
@@ -265,7 +270,6 @@ def _load_ir_datasets(dataset_id):
         raise InputError(f"ir_datasets could not get {dataset_id} ({type(e).__name__}): check the network, or put "
                          f"its files in {home}, or give a BEIR folder with --split") from None
     return corpus, queries, qrels
-
 
 # ---------------------------------------------------------------------------------------------- train data
 
@@ -326,11 +330,25 @@ def sample_group(ex, group_size, seed, epoch, index):
     pos = rng.randrange(len(ex["pos"]))
     return pos, rng.sample(range(n), k) if n >= k else [rng.randrange(n) for _ in range(k)]
 
-def epoch_order(n, seed, epoch):
-    """The order of the n examples in an epoch: a permutation from (seed, epoch)."""
-    order = list(range(n))
-    random.Random(f"{seed}/order/{epoch}").shuffle(order)
-    return order
+def batch_plan(sizes, batch_size, seed, epoch, uniform=False):
+    """The batches of an epoch, each from one source (sizes: the examples of each, numbered one after the other)
+    -> [(source, [example indices])], from (seed, epoch) alone, so that a resumed run sees the same batches. Each
+    source's examples are shuffled and cut into full batches (the rest waits for another epoch's shuffle); with
+    several sources the batches are shuffled together, so each source comes in proportion to its size, or, with
+    uniform, as often as the largest (a smaller one repeats its examples, reshuffled)."""
+    rng, plan, first = random.Random(f"{seed}/order/{epoch}"), [], 0
+    for source, n in enumerate(sizes):
+        take = (max(sizes) if uniform else n) // batch_size * batch_size
+        order = []
+        while len(order) < take:  # a permutation of the source's examples (then another one, with uniform)
+            perm = list(range(first, first + n))
+            rng.shuffle(perm)
+            order += perm
+        plan += [(source, order[i:i + batch_size]) for i in range(0, take, batch_size)]
+        first += n
+    if len(sizes) > 1:
+        rng.shuffle(plan)
+    return plan
 
 def background(items):
     """Iterate over items, the next one made in a background thread while the caller works on this one: the
@@ -357,13 +375,17 @@ def output(path, folder=True):
 
 def claim(folder):
     """Hold folder/.lock while this process lives, so that a second run writing the same folder stops at once, and
-    remove the temporary files a killed run left there. Returns the open lock file (keep it)."""
+    tidy what a killed run left there: temporary files go, a folder swapped out (save_folder) comes back if its
+    replacement never arrived. Returns the open lock file (keep it)."""
     import fcntl
     lock = open(os.path.join(output(folder), ".lock"), "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise InputError(f"{folder}: another run is writing there; wait for it, or give another folder") from None
-    for leftover in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "model.old")):
-        shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
+    for leftover in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "*.old")):
+        if leftover.endswith(".old") and not os.path.exists(leftover[:-4]):  # killed between a folder swap's renames
+            os.rename(leftover, leftover[:-4])
+        else:
+            shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
     return lock

@@ -55,20 +55,28 @@ def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None):
             scores = scores.index_put(false_negatives(d_keys, q_pos_keys, targets), scores.new_tensor(float("-inf")))
         return F.cross_entropy(scores, targets)
 
+def group_scores(q, d, group_size):
+    """Each query's scores against its own group: q (B, D), d (B * G, D) laid out per query -> (B, G), in at
+    least float32."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    return torch.einsum("bd,bgd->bg", q.to(dtype), d.to(dtype).view(q.shape[0], group_size, -1))
+
 def distill_kl(q, d, teacher_scores, temp, teacher_temp, group_size):
     """Distillation (FlagEmbedding's pos_scores/neg_scores): KL(teacher || student) over each query's own group.
     q (B, D), d (B * G, D) laid out per query, teacher_scores (B, G) -> mean KL over the B queries."""
     with torch.autocast(q.device.type, enabled=False):
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        groups = d.to(dtype).view(q.shape[0], group_size, -1)  # (B, G, D)
-        student = torch.einsum("bd,bgd->bg", q.to(dtype), groups) / temp  # (B, G)
-        teacher = torch.softmax(teacher_scores.to(dtype) / teacher_temp, dim=-1)
+        student = group_scores(q, d, group_size) / temp  # (B, G)
+        teacher = torch.softmax(teacher_scores.to(student.dtype) / teacher_temp, dim=-1)
         return F.kl_div(torch.log_softmax(student, dim=-1), teacher, reduction="batchmean")
 
-def matryoshka(loss_fn, q, d, dims):
-    """Matryoshka representation learning: the loss summed over truncated, re-normalised prefixes of the
-    embeddings, so the first k dimensions alone make a good embedding for every k in dims."""
-    return sum(loss_fn(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1)) for k in dims)
+def margin_mse(q, d, teacher_scores, group_size):
+    """MarginMSE (Hofstätter et al. 2020): the student's margins s(q, p) - s(q, n_j) regressed onto the teacher's,
+    so the teacher's scores must be on the student's scale (a bi-encoder teacher's cosines are) -> the mean squared
+    error over the B x (G - 1) margins."""
+    with torch.autocast(q.device.type, enabled=False):
+        s = group_scores(q, d, group_size)  # (B, G)
+        t = teacher_scores.to(s.dtype)
+        return F.mse_loss(s[:, :1] - s[:, 1:], t[:, :1] - t[:, 1:])
 
 @torch.no_grad()
 def accuracy(q, d, group_size, offset=0, rows=1024):
@@ -77,7 +85,6 @@ def accuracy(q, d, group_size, offset=0, rows=1024):
     targets = (offset + torch.arange(q.shape[0], device=q.device)) * group_size
     best = torch.cat([(q[i:i + rows].float() @ d.float().T).argmax(1) for i in range(0, q.shape[0], rows)])
     return (best == targets).float().mean().item()
-
 
 # ------------------------------------------------------------------------------------------------ fused loss
 #
@@ -171,7 +178,6 @@ def fused_info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=Non
     compile = q.is_cuda if compile is None else compile
     with torch.autocast(q.device.type, enabled=False):
         return _FusedInfoNCE.apply(q, d, temp, group_size, offset, d_keys, q_pos_keys, tile, compile)
-
 
 # ------------------------------------------------------------------------------------------------ many devices
 #

@@ -71,7 +71,6 @@ def read_settings(path):
         s["query_prefix"], s["doc_prefix"] = prompts.get("query", ""), prompts.get("document", "")
     return s
 
-
 # ------------------------------------------------------------------------------------------------ BERT
 
 # Our parameter names -> transformers' BertModel names (a layer's after "encoder.layer.N."); q, k and v are one
@@ -168,11 +167,10 @@ def load_encoder(path, attention_dropout=None):
         model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa")
     return model
 
-
 # ------------------------------------------------------------------------------------------------ bi-encoder
 
 class BiEncoder(nn.Module):
-    def __init__(self, path, separate=False, attention_dropout=None, **overrides):
+    def __init__(self, path, attention_dropout=None, **overrides):
         super().__init__()
         if not os.path.isdir(path):
             raise InputError(f"--model {path}: not a folder (nothing is downloaded; give a local Hugging Face folder)")
@@ -190,11 +188,6 @@ class BiEncoder(nn.Module):
         for key in ("query_max_len", "passage_max_len"):
             if self.settings[key] > positions:
                 raise InputError(f"--{key} {self.settings[key]}: {path} has {positions} positions")
-        # Separate towers: queries get their own copy of the transformer (saved under query_tower/).
-        qpath = os.path.join(path, "query_tower")
-        self.separate = separate or os.path.isdir(qpath)
-        self.query_encoder = (load_encoder(qpath if os.path.isdir(qpath) else path, attention_dropout)
-                              if self.separate else None)
 
     @property
     def dim(self):
@@ -210,11 +203,10 @@ class BiEncoder(nn.Module):
 
     def forward(self, batch, kind):
         """batch: the tokenizer's input_ids and attention_mask (B, L), best still on the CPU -> embeddings (B, D)."""
-        encoder = self.query_encoder if (kind == "query" and self.separate) else self.encoder
         device = next(self.parameters()).device
         padded = not bool(batch["attention_mask"].all())  # decided on the CPU: no wait for the GPU
         ids, mask = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask"))  # (B, L)
-        hidden = encoder(input_ids=ids, attention_mask=mask if padded else None)  # (B, L, H)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask if padded else None)  # (B, L, H)
         hidden = hidden if torch.is_tensor(hidden) else hidden.last_hidden_state
         if self.settings["pooling"] == "cls":
             emb = hidden[:, 0]
@@ -253,9 +245,7 @@ class BiEncoder(nn.Module):
     def save(self, path):
         """Hugging Face weights + tokenizer, biencoder.json, and the sentence-transformers files, so that
         SentenceTransformer(path) gives the same document vectors (queries: prompt_name="query")."""
-        for encoder, folder in ((self.encoder, path), (self.query_encoder, os.path.join(path, "query_tower"))):
-            if encoder is not None:
-                encoder.save(folder) if isinstance(encoder, Bert) else encoder.save_pretrained(folder)
+        self.encoder.save(path) if isinstance(self.encoder, Bert) else self.encoder.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         s = self.settings
         modules = [("Transformer", ""), ("Pooling", "1_Pooling")] + [("Normalize", "2_Normalize")] * s["normalize"]
@@ -276,3 +266,34 @@ def for_inference(path, device, dtype, **overrides):
     """A BiEncoder to embed with: weights in dtype (no float32 master copy is needed without an optimizer, and
     casting once beats autocast re-casting every forward), on the device, in eval mode."""
     return BiEncoder(path, **overrides).to(device, DTYPES[dtype]).eval()
+
+def load_teacher(path, device, dtype):
+    """A teacher's score(queries, texts, batch_size) -> one float a (query, text) pair: a cross-encoder (a
+    sequence-classification folder with one label) gives its logit of the pair, a bi-encoder the cosine of the
+    two embeddings (each distinct text embedded once)."""
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--teacher {path}: cannot read config.json ({str(e).splitlines()[0]})") from None
+    if config.num_labels == 1 and any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained(path).to(device, DTYPES[dtype]).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+
+        @torch.inference_mode()
+        def cross_encoder(queries, texts, batch_size=None):
+            out, batch_size = [], batch_size or 32
+            for i in tqdm(range(0, len(texts), batch_size), desc="teacher", unit="batch", mininterval=2):
+                batch = tokenizer(queries[i:i + batch_size], texts[i:i + batch_size], padding=True, truncation=True,
+                                  return_tensors="pt").to(device)
+                out += model(**batch).logits[:, 0].float().tolist()
+            return out
+        return cross_encoder
+    model = for_inference(path, device, dtype)
+
+    def bi_encoder(queries, texts, batch_size=None):
+        rows = [{t: n for n, t in enumerate(dict.fromkeys(x))} for x in (queries, texts)]  # text -> its row
+        q, d = (F.normalize(torch.from_numpy(model.encode(list(r), kind, batch_size)), dim=-1)
+                for r, kind in zip(rows, ("query", "doc")))
+        return (q[[rows[0][t] for t in queries]] * d[[rows[1][t] for t in texts]]).sum(1).tolist()
+    return bi_encoder

@@ -15,7 +15,6 @@ import data
 
 MEASURES = {"ndcg_cut.1,3,5,10,100,1000", "recall.1,3,5,10,20,50,100,200,500,1000", "map", "P.1,10"}
 
-
 # ------------------------------------------------------------------------------------------------ files
 
 def save_embeddings(folder, name, ids, emb, store="fp16"):
@@ -70,17 +69,16 @@ class Shards:
     """The corpus of an encode.py folder: its ids and its vectors, memory-mapped; read a shard at a time by
     iterating (search), or by row (rows(), e.g. the positives' vectors in mining)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, corpus, source):
+        """The encoding in folder, which must be of exactly the documents of corpus (from source, for the error)."""
         self.meta = data.read_json(os.path.join(folder, "meta.json"))
         if "shards" not in self.meta:
             raise data.InputError(f"{folder}: an unfinished encoding; rerun the same encode.py command to finish it")
         parts = [load_embeddings(folder, name, mmap=True) for name in self.meta["shards"]]
         self.ids, self.mats = [i for ids, _ in parts for i in ids], [m for _, m in parts]
         self.first = np.cumsum([0] + [len(m) for m in self.mats])  # the first row of each shard
-
-    def covers(self, corpus):
-        """Whether these are the vectors of exactly this corpus's documents (no set of millions of ids built)."""
-        return len(self.ids) == len(corpus) and all(map(corpus.__contains__, self.ids))
+        if len(self.ids) != len(corpus) or not all(map(corpus.__contains__, self.ids)):  # no set of millions of ids
+            raise data.InputError(f"{folder}: an encoding of {self.meta['dataset']}'s documents, not of {source}'s")
 
     def __iter__(self):
         return (np.array(m, dtype=np.float32) for m in self.mats)  # each a copy in memory, one at a time
@@ -88,7 +86,6 @@ class Shards:
     def rows(self, rows):
         shard = np.searchsorted(self.first, rows, side="right") - 1
         return np.stack([self.mats[s][r - self.first[s]] for s, r in zip(shard, rows)]).astype(np.float32)
-
 
 # ------------------------------------------------------------------------------------------------ search
 
@@ -132,20 +129,6 @@ def search(q, shards, k, device="cpu", rows=1024, cols=65536):
     scores, idx = _unkeys(best)
     return scores.cpu().numpy(), idx.cpu().numpy()
 
-def faiss_search(q, d, k, index):
-    """Approximate search through a faiss index_factory string (e.g. "HNSW32", "IVF1024,Flat"), inner product on
-    unit vectors -> (scores, rows) as search returns them; -1 pads a short result."""
-    import faiss
-    q, d = (np.ascontiguousarray(unit(torch.as_tensor(x, dtype=torch.float32)).numpy()) for x in (q, d))
-    try:
-        idx = faiss.index_factory(d.shape[1], index, faiss.METRIC_INNER_PRODUCT)
-        idx.train(d)
-    except RuntimeError as e:
-        raise data.InputError(f"--index {index!r}: faiss refused it ({str(e).strip().splitlines()[-1]})") from None
-    idx.add(d)
-    return idx.search(q, min(k, len(d)))
-
-
 # ------------------------------------------------------------------------------------------------ metrics
 
 def ranked(docs):
@@ -154,7 +137,7 @@ def ranked(docs):
 
 def to_run(q_ids, d_ids, scores, idx, k, ignore_identical_ids=False):
     """Search results -> run {qid: {doc_id: score}} of the top k each, without -1 padding and, if asked, without a
-    document whose id equals the query's (some BEIR sets, e.g. Quora)."""
+    document whose id equals the query's."""
     return {qid: dict(ranked({d_ids[j]: float(s) for s, j in zip(scores[qi], idx[qi])
                               if j >= 0 and not (ignore_identical_ids and d_ids[j] == qid)})[:k])
             for qi, qid in enumerate(q_ids)}
@@ -173,3 +156,19 @@ def evaluate_run(run, qrels):
     per_query = {qid: {rename(m): v for m, v in ms.items()} for qid, ms in per_query.items()}
     measures = sorted({m for ms in per_query.values() for m in ms})
     return {m: sum(ms.get(m, 0.0) for ms in per_query.values()) / len(qrels) for m in measures}, per_query
+
+def run_and_score(q_ids, q, d_ids, shards, qrels, k=1000, device="cpu", ignore_identical_ids=False):
+    """Query vectors q (Q, D) against the corpus's shards (as search takes them) -> (run of the top k, means,
+    per_query), as evaluate.py reports them. ignore_identical_ids drops a document whose id is the query's (some
+    BEIR sets, e.g. Quora), one more being retrieved so that each query keeps k."""
+    scores, idx = search(q, shards, k + ignore_identical_ids, device)
+    run = to_run(q_ids, d_ids, scores, idx, k, ignore_identical_ids)
+    return run, *evaluate_run(run, qrels)
+
+def evaluate_model(model, corpus, queries, qrels, batch_size=None, k=1000, ignore_identical_ids=False):
+    """Encode the corpus and the qrels' queries with model, then run_and_score: evaluate.py --model, and train.py
+    while training."""
+    d_ids, q_ids = list(corpus), sorted(qrels)
+    d = model.encode([corpus[i] for i in d_ids], "doc", batch_size, "encode corpus")
+    q = model.encode([queries[i] for i in q_ids], "query", batch_size)
+    return run_and_score(q_ids, q, d_ids, [d], qrels, k, next(model.parameters()).device, ignore_identical_ids)

@@ -7,14 +7,16 @@
 #   MARGIN=0 MASK=0 ...           + mined hard negatives (ranks 10-100)
 #   MASK=0 ...                    + positive-aware margin (0.95 x the lowest positive score)
 #   (defaults)                    + false-negative masking in the loss
-# Matryoshka table: GROUP=1 MASK=0 DIMS="256 128 64", with and without MRL=384,256,128,64
+#   SEED=1 ...                    another seed of training (the mined negatives stay those of seed 0)
+#   EVAL_EVERY=33 ...             dev nDCG@10 while training (steps 0, 33, 66), the best model in ft/best/
+#   DISTILL=kl TEACHER=path ...   + the teacher's scores (score.py) of the mined groups, learned by KL
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-runs/scifact}
 GROUP=${GROUP:-4} MARGIN=${MARGIN:-0.95} MASK=${MASK:-1} EPOCHS=${EPOCHS:-3} LR=${LR:-3e-5} TEMP=${TEMP:-0.05}
-ADROP=${ADROP:-0} MRL=${MRL:-}  # attention dropout (the model has 0.1); Matryoshka dims, e.g. 384,256,128,64
-RUN="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}${MRL:+_mrl$MRL}"
+ADROP=${ADROP:-0} SEED=${SEED:-0} EVAL_EVERY=${EVAL_EVERY:-} DISTILL=${DISTILL:-} TEACHER=${TEACHER:-}
+RUN="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}_s${SEED}${DISTILL:+_$DISTILL}"
 mkdir -p "$RUN"
 
 # 1. dev split: 100 of the 809 train queries, fixed by seed 0; training never sees them
@@ -28,15 +30,12 @@ for name, part in (("dev", sorted(dev)), ("train", [q for q in ids if q not in d
     data.atomic_write(f"{sys.argv[1]}/{name}.ids", lambda f: f.writelines(q + "\n" for q in part))
 PY
 
-# test: fp32 embeddings once, scored at full size and, for the Matryoshka table, truncated to each of DIMS
+# test: fp32 embeddings, kept for later comparisons
 test_eval() {  # $1: run folder; the rest: encode.py's model flags
     local run=$1; shift
     [ -f "$run/emb_test/queries.ids.txt" ] || $PYTHON encode.py "$@" --dataset beir/scifact/test --dtype fp32 \
         --store fp32 --out "$run/emb_test"
     $PYTHON evaluate.py --emb "$run/emb_test" --dataset beir/scifact/test --out "$run/test"
-    for d in ${DIMS:-}; do
-        $PYTHON evaluate.py --emb "$run/emb_test" --dataset beir/scifact/test --dim "$d" --out "$run/test_dim$d"
-    done
 }
 
 # 2. zero-shot: the model we start from (its embeddings reused when already there)
@@ -47,11 +46,16 @@ MINED="$OUT/mined_m${MARGIN}.jsonl"
 [ -f "$MINED" ] || $PYTHON mine.py --dataset beir/scifact/train --queries "$OUT/train.ids" --range 10-100 \
     --num_neg 7 --margin "$MARGIN" --dtype bf16 --out "$MINED"
 
-# 4. fine-tune (bf16 autocast, fp32 weights; gradient cache chunks of 32 texts)
-$PYTHON train.py --train_data "$MINED" --group_size "$GROUP" --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
-    --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --attention_dropout "$ADROP" ${MRL:+--mrl_dims "$MRL"} \
-    --query_max_len 64 --dtype bf16 \
-    --out_dir "$RUN/ft" --log_every 5
+# 4. fine-tune (bf16 autocast, fp32 weights; gradient cache chunks of 32 texts), optionally from a teacher's scores
+TRAIN=$MINED
+if [ -n "$DISTILL" ]; then
+    TRAIN="$RUN/scored.jsonl"
+    [ -f "$TRAIN" ] || $PYTHON score.py --teacher "$TEACHER" --train_data "$MINED" --dtype bf16 --out "$TRAIN"
+fi
+$PYTHON train.py --train_data "$TRAIN" --group_size "$GROUP" --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
+    --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --attention_dropout "$ADROP" --seed "$SEED" \
+    --query_max_len 64 --dtype bf16 ${DISTILL:+--distill "$DISTILL"} --out_dir "$RUN/ft" --log_every 5 \
+    ${EVAL_EVERY:+--eval_dataset beir/scifact/train --eval_queries "$OUT/dev.ids" --eval_every "$EVAL_EVERY"}
 
 # 5. dev (settings were chosen here), then test once
 $PYTHON evaluate.py --model "$RUN/ft/model" --dataset beir/scifact/train --queries "$OUT/dev.ids" \

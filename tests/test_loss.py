@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import accuracy, false_negatives, fused_info_nce, info_nce
+from loss import accuracy, false_negatives, fused_info_nce, info_nce, margin_mse
 
 
 def test_hand_computed_two_queries():
@@ -130,16 +130,15 @@ def test_distillation_kl_hand_computed():
     assert distill_kl(q, d, teacher, temp, t_temp, 2).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_matryoshka_is_the_sum_of_per_dim_losses():
-    from loss import matryoshka
-    torch.manual_seed(0)
-    q, d = torch.randn(6, 16), torch.randn(12, 16)
-    fn = lambda q, d: info_nce(q, d, 0.05, 2)
-    expected = sum(fn(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1)) for k in (16, 8, 4))
-    assert matryoshka(fn, q, d, [16, 8, 4]).item() == pytest.approx(expected.item(), rel=1e-6)
-    # and each prefix really is re-normalised: the 4-dim loss alone differs from the raw truncation
-    assert fn(q[:, :4], d[:, :4]).item() != pytest.approx(fn(F.normalize(q[:, :4], dim=-1),
-                                                             F.normalize(d[:, :4], dim=-1)).item(), rel=1e-3)
+def test_margin_mse_hand_computed():
+    """MarginMSE: (s(q, p) - s(q, n)) of the student against the teacher's, squared, averaged over all margins."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])  # per query: [positive, negative]
+    teacher = torch.tensor([[0.9, 0.1], [0.7, 0.6]])
+    student_margins = torch.tensor([0.8 - 0.0, 0.0 - 0.8])
+    expected = ((student_margins - torch.tensor([0.8, 0.1])) ** 2).mean()
+    assert margin_mse(q, d, teacher, 2).item() == pytest.approx(expected.item(), abs=1e-6)
+
 
 
 def test_fused_compiles_once_for_every_shape_and_positive_count():

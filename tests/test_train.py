@@ -165,17 +165,19 @@ def test_compiled_replay_is_exact_with_dropout(tiny_model, train_file, tmp_path)
 
 
 def test_distillation_trains_and_needs_scores(tiny_model, train_file, tmp_path):
-    """--teacher_temp runs end to end on scored data (mine.py's pos_scores/neg_scores) and asks for them otherwise."""
+    """--distill kl and margin_mse run end to end on scored data (score.py's pos_scores/neg_scores) and ask for
+    them otherwise."""
     rows = data.read_train_jsonl(train_file)
     for i, row in enumerate(rows):
         row["pos_scores"] = [0.9] * len(row["pos"])
         row["neg_scores"] = [0.5 - 0.1 * (i % 3)] * len(row["neg"])
     scored = str(tmp_path / "scored.jsonl")
     data.write_jsonl(scored, rows)
-    _, log = run(tiny_model, scored, tmp_path / "kd", "--chunk_size", 4, "--teacher_temp", 0.05)
-    assert len(log) == 2 and all(row["replay_err"] == 0.0 for row in log)
+    for how in ("kl", "margin_mse"):
+        _, log = run(tiny_model, scored, tmp_path / how, "--chunk_size", 4, "--distill", how)
+        assert len(log) == 2 and all(row["replay_err"] == 0.0 for row in log)
     with pytest.raises(data.InputError, match="pos_scores and neg_scores"):
-        run(tiny_model, train_file, tmp_path / "nokd", "--teacher_temp", 0.05)
+        run(tiny_model, train_file, tmp_path / "nokd", "--distill", "kl")
 
 
 def test_auto_chunk_follows_the_model_and_the_length():
