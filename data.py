@@ -198,22 +198,17 @@ class Corpus(Mapping):
     def __len__(self):
         return len(self.rows)
 
-def read_texts(path, offsets=None):
-    """{id: text} of a BEIR corpus.jsonl or queries.jsonl, each id once and without spaces (run files are
-    space-separated), each text non-empty; with offsets (a list), {id: None} and each line's position appended."""
-    texts = {}
-    for n, row in read_jsonl(path, offsets):
-        text, i = _doc_text(row.get("title"), row.get("text")), str(row.get("_id", ""))
-        if not i or i.split() != [i] or i in texts or not text:
-            raise InputError(f"{path}:{n}: " + (f"id {i!r} again" if i in texts else "each line needs an '_id' "
-                                                "without spaces and a non-empty 'text' (or 'title')"))
-        texts[i] = text if offsets is None else None
-    return texts
-
 def read_corpus(path):
-    """A BEIR corpus.jsonl as a Corpus: its ids and the positions of their lines; a text is read when asked."""
-    offsets = []
-    ids, lines = read_texts(path, offsets), open(path, "rb")  # kept open: one seek a text read
+    """A BEIR corpus.jsonl (or queries.jsonl) as a Corpus: each id once and without spaces (run files are
+    space-separated), each text non-empty; the positions of the lines are kept and a text is read when asked."""
+    ids, offsets = {}, []
+    for n, row in read_jsonl(path, offsets):
+        i = str(row.get("_id", ""))
+        if not i or i.split() != [i] or i in ids or not _doc_text(row.get("title"), row.get("text")):
+            raise InputError(f"{path}:{n}: " + (f"id {i!r} again" if i in ids else "each line needs an '_id' "
+                                                "without spaces and a non-empty 'text' (or 'title')"))
+        ids[i] = None
+    lines = open(path, "rb")  # kept open: one seek a text read
 
     def read(row, doc_id):
         lines.seek(offsets[row])
@@ -224,7 +219,7 @@ def read_corpus(path):
 def _load_beir_folder(folder, split):
     if not split:
         raise InputError(f"{folder}: a BEIR folder needs --split (e.g. test)")
-    return (read_corpus(os.path.join(folder, "corpus.jsonl")), read_texts(os.path.join(folder, "queries.jsonl")),
+    return (read_corpus(os.path.join(folder, "corpus.jsonl")), read_corpus(os.path.join(folder, "queries.jsonl")),
             read_qrels(os.path.join(folder, "qrels", f"{split}.tsv")))
 
 def read_qrels(path):

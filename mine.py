@@ -41,19 +41,28 @@ parser.add_argument("--consistency_k", type=data.count, default=0, help="drop a 
                     "in the model's top K (E5's consistency filter; 0: off)")
 parser.add_argument("--teacher", help="a cross-encoder or bi-encoder folder: the margin compares its scores")
 
-def select_negatives(window, query, pos, corpus, args, rng):
+def select_negatives(window, query, pos, corpus, doc_ids, args, rng, score):
     """One query's negatives. window: [(doc_id, score)] of the rank window, best first, positives removed; pos:
-    {doc_id: score} of its positives -> (chosen [(doc_id, score)], counts of what the filters removed)."""
+    {doc_id: score} of its positives; doc_ids: all ids (sorted); score(doc_id): the score of any document.
+    -> (chosen [(doc_id, score)], counts of what the filters removed and of the random top-ups)."""
     floor = min(pos.values())  # the lowest positive score; the margin is written to stay below it if negative
     limit = floor - (1 - args.margin) * abs(floor) if args.margin else float("inf")
-    used, kept, counts = {query} | {corpus[p] for p in pos}, [], {"same_text": 0, "margin": 0}
+    used, kept, counts = {query} | {corpus[p] for p in pos}, [], {"same_text": 0, "margin": 0, "random": 0}
     for did, s in window:
         if corpus[did] in used or s >= limit:
             counts["same_text" if corpus[did] in used else "margin"] += 1
         else:
             used.add(corpus[did])
             kept.append((did, s))
-    return kept[:args.num_neg] if args.sampling == "top" else rng.sample(kept, min(args.num_neg, len(kept))), counts
+    chosen = kept[:args.num_neg] if args.sampling == "top" else rng.sample(kept, min(args.num_neg, len(kept)))
+    used = {query} | {corpus[p] for p in pos} | {corpus[d] for d, _ in chosen}
+    for did in rng.sample(doc_ids, min(len(doc_ids), 4 * args.num_neg + len(pos))):  # top-ups, if the window ran short
+        if len(chosen) < args.num_neg and did not in pos and corpus[did] not in used and (s := score(did)) < limit:
+            used.add(corpus[did])
+            chosen.append((did, s))
+            counts["random"] += 1
+    counts["short_window"] = int(len(kept) < args.num_neg)
+    return chosen, counts
 
 def own_pairs(args):
     """--train_data's examples and the documents to mine from: --corpus, or every distinct text of the file (its id:
@@ -94,12 +103,12 @@ def main(args):
         raise data.InputError(f"--emb {args.emb}: an encoding by {docs.meta['model']}, not by {args.model}")
     q_emb = model.encode([ex["query"] for ex in examples], "query", args.batch_size)
     q_emb = retrieval.unit(torch.tensor(q_emb)).numpy()
-    row_of = {did: i for i, did in enumerate(docs.ids)}
+    row_of, sorted_ids = {did: i for i, did in enumerate(docs.ids)}, sorted(docs.ids)
     cosine = lambda qi, dids: retrieval.unit(torch.tensor(docs.rows([row_of[d] for d in dids]))).numpy() @ q_emb[qi]
     # enough candidates: the window's end, plus room for the positives that are skipped inside it
     k = max(args.range[1] + max(len(ex["pos_ids"]) for ex in examples), args.consistency_k)
     scores, idx = retrieval.search(q_emb, docs, k, device)
-    todo, totals = [], {"positive": 0, "same_text": 0, "margin": 0, "inconsistent": 0}
+    todo, totals = [], {"positive": 0, "same_text": 0, "margin": 0, "random": 0, "short_window": 0, "inconsistent": 0}
     for qi, ex in enumerate(examples):
         ranked = [(docs.ids[j], float(s)) for s, j in zip(scores[qi], idx[qi]) if j >= 0]
         if args.consistency_k and not any(d in ex["pos_ids"] for d, _ in ranked[:args.consistency_k]):
@@ -107,16 +116,18 @@ def main(args):
             continue
         pos = dict(zip(ex["pos_ids"], cosine(qi, ex["pos_ids"]).tolist()))
         totals["positive"] += sum(d in pos for d, _ in ranked)
-        todo.append((ex, pos, [(d, s) for d, s in ranked if d not in pos][args.range[0]:args.range[1]]))
-    if args.teacher:  # the teacher scores the positives and the windows; its scores replace the model's
-        pairs = [(ex["query"], d) for ex, pos, window in todo for d in [*pos, *(d for d, _ in window)]]
-        score = iter(load_teacher(args.teacher, device, dtype)([q for q, _ in pairs], [corpus[d] for _, d in pairs],
-                                                                 args.batch_size))
-        todo = [(ex, {d: next(score) for d in pos}, [(d, next(score)) for d, _ in window]) for ex, pos, window in todo]
+        todo.append((qi, ex, pos, [(d, s) for d, s in ranked if d not in pos][args.range[0]:args.range[1]]))
+    teacher = load_teacher(args.teacher, device, dtype) if args.teacher else None
+    if teacher:  # the teacher scores the positives and the windows; its scores replace the model's
+        pairs = [(ex["query"], d) for _, ex, pos, window in todo for d in [*pos, *(d for d, _ in window)]]
+        score = iter(teacher([q for q, _ in pairs], [corpus[d] for _, d in pairs], args.batch_size))
+        todo = [(qi, ex, {d: next(score) for d in pos}, [(d, next(score)) for d, _ in window])
+                for qi, ex, pos, window in todo]
     rows = []
-    for ex, pos, window in todo:
-        rng = random.Random(f"{args.seed}/{ex['qid']}")
-        chosen, counts = select_negatives(window, ex["query"], pos, corpus, args, rng)
+    for qi, ex, pos, window in todo:
+        score = (lambda d: teacher([ex["query"]], [corpus[d]])[0]) if teacher else lambda d: float(cosine(qi, [d])[0])
+        chosen, counts = select_negatives(window, ex["query"], pos, corpus, sorted_ids, args,
+                                          random.Random(f"{args.seed}/{ex['qid']}"), score)
         totals.update({k: totals[k] + v for k, v in counts.items()})
         rows.append({**ex, "pos_scores": list(pos.values()), "neg": [corpus[d] for d, _ in chosen],
                      "neg_ids": [d for d, _ in chosen], "neg_scores": [s for _, s in chosen]})
@@ -126,8 +137,8 @@ def main(args):
     negs = [s for r in rows for s in r["neg_scores"]]
     print(f"mined {len(rows)} queries -> {args.out}; skipped {max(0, asked - len(examples))} without a positive and "
           f"{totals['inconsistent']} whose positives are not in the model's top {args.consistency_k}; negatives a "
-          f"query: {len(negs) / max(1, len(rows)):.2f} (wanted {args.num_neg}; "
-          f"{sum(len(r['neg']) < args.num_neg for r in rows)} queries with fewer); removed from windows: "
+          f"query: {len(negs) / max(1, len(rows)):.2f} (wanted {args.num_neg}), {totals['short_window']} windows ran "
+          f"short and got {totals['random']} random ones; removed from windows: "
           f"{totals['positive']} positives, {totals['same_text']} repeated texts, {totals['margin']} above the margin; "
           f"scores: positives mean {np.mean([s for r in rows for s in r['pos_scores']] or [np.nan]):.3f}, "
           f"negatives mean {np.mean(negs or [np.nan]):.3f} (min {min(negs, default=np.nan):.3f}, max "

@@ -283,7 +283,8 @@ def load_teacher(path, device, dtype):
         @torch.inference_mode()
         def cross_encoder(queries, texts, batch_size=None):
             out, batch_size = [], batch_size or 32
-            for i in tqdm(range(0, len(texts), batch_size), desc="teacher", unit="batch", mininterval=2):
+            for i in tqdm(range(0, len(texts), batch_size), desc="teacher", unit="batch", mininterval=2,
+                          disable=len(texts) <= batch_size):  # no bar for a single batch (mine.py's top-ups)
                 batch = tokenizer(queries[i:i + batch_size], texts[i:i + batch_size], padding=True, truncation=True,
                                   return_tensors="pt").to(device)
                 out += model(**batch).logits[:, 0].float().tolist()

@@ -134,8 +134,7 @@ def batches(model, examples, sizes, use_ids, args, steps, rank, world):
                     teacher.append([ex["pos_scores"][p]] + [ex["neg_scores"][j] for j in negs])
         width = max(map(len, pos_keys))
         return {"step": step, "epoch": epoch, "source": sources[source], "offset": rank * b,
-                "q": model.tokenize(queries, "query"),
-                "d": model.tokenize(docs, "doc"), "d_keys": torch.tensor(d_keys),
+                "q": model.tokenize(queries, "query"), "d": model.tokenize(docs, "doc"), "d_keys": torch.tensor(d_keys),
                 "q_pos_keys": torch.tensor([k + [-1] * (width - len(k)) for k in pos_keys]),  # -1 pads
                 "teacher": torch.tensor(teacher) if args.distill else None}
     return data.background(make(step) for step in steps)

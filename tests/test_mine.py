@@ -1,4 +1,4 @@
-"""mine.py's negative selection on a toy corpus with known scores: margin, dedup, sampling."""
+"""mine.py's negative selection on a toy corpus with known scores: margin, dedup, hard/random mix."""
 import argparse
 import random
 
@@ -18,13 +18,14 @@ POS = {"p": 0.8}
 
 
 def select(**kw):
-    return mine.select_negatives(WINDOW, "the query", POS, CORPUS, args(**kw), random.Random(0))
+    return mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(**kw), random.Random(0),
+                                 SCORES.get)
 
 
 def test_dedup_and_query_text_removed():
     chosen, counts = select()
     assert [d for d, _ in chosen] == ["a", "b", "c"]  # b2 repeats b's text, q's text is the query
-    assert counts["same_text"] == 2
+    assert counts["same_text"] == 2 and counts["random"] == 0
 
 
 def test_relative_margin():
@@ -33,19 +34,23 @@ def test_relative_margin():
     assert [d for d, _ in chosen] == ["b", "c", "d"] and counts["margin"] == 1
 
 
-def test_short_window_gives_fewer():
+def test_short_window_is_topped_up_at_random():
     chosen, counts = select(margin=0.8)  # below 0.8 x 0.8 = 0.64: a, b and b2 go; q repeats the query's text
-    assert [d for d, _ in chosen] == ["c", "d"] and counts["margin"] == 3 and counts["same_text"] == 1
+    assert [d for d, _ in chosen][:2] == ["c", "d"] and counts["margin"] == 3 and counts["same_text"] == 1
+    assert counts["random"] == 1 and counts["short_window"] == 1
+    rand, s = chosen[2]
+    assert rand not in POS and CORPUS[rand] not in {"the query", "positive text", "doc c", "doc d"}
+    assert s == SCORES[rand] and s < 0.64  # a random top-up carries its real score and passes the margin too
 
 
 def test_seeded_random_sampling():
-    a, b = (mine.select_negatives(WINDOW, "the query", POS, CORPUS, args(sampling="random"), random.Random(5))
-            for _ in range(2))
+    a, b = (mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(sampling="random"),
+                                  random.Random(5), SCORES.get) for _ in range(2))
     assert a == b
 
 
 def test_relative_margin_with_a_negative_floor():
     pos = {"p": -0.2}  # the lowest positive scores below zero: 0.95 x -0.2 = -0.19 would keep higher scores
-    chosen, counts = mine.select_negatives([("a", -0.1), ("b", -0.3)], "the query", pos, CORPUS, args(margin=0.95),
-                                           random.Random(0))
+    chosen, counts = mine.select_negatives([("a", -0.1), ("b", -0.3)], "the query", pos, CORPUS, [], args(margin=0.95),
+                                           random.Random(0), {"a": -0.1, "b": -0.3}.get)
     assert [d for d, _ in chosen] == ["b"] and counts["margin"] == 1
