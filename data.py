@@ -370,7 +370,7 @@ def output(path, folder=True):
 
 def claim(folder):
     """Hold folder/.lock while this process lives, so that a second run writing the same folder stops at once, and
-    tidy what a killed run left there: temporary files go, a folder swapped out (save_folder) comes back if its
+    tidy what a killed run left there: temporary files go, a folder swapped out (train.swap_in) comes back if its
     replacement never arrived. Returns the open lock file (keep it)."""
     import fcntl
     lock = open(os.path.join(output(folder), ".lock"), "w")

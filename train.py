@@ -37,7 +37,7 @@ from tqdm import tqdm
 import data
 import retrieval
 from loss import accuracy, distill_kl, fused_info_nce, gather, info_nce, margin_mse
-from model import DTYPES, BiEncoder, setup
+from model import DTYPES, BiEncoder, for_inference, setup
 
 parser = data.parser(__doc__, model=None, dataset="beir/nfcorpus/train", split=None, dtype=None, device="auto", seed=0)
 # data
@@ -247,14 +247,10 @@ def make_optimizer(model, args, total_steps, device):
     schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-def save_folder(model, final, files={}):
-    """The model (and files {name: json}) saved to the folder final, atomically: written beside, then swapped in;
-    a kill between the two renames leaves final.old, which data.claim puts back."""
-    tmp, old = final + ".tmp", final + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    for name, obj in files.items():
-        data.write_json(os.path.join(tmp, name), obj)
+def swap_in(tmp, final):
+    """Replace the folder final by the folder tmp (written beside it); a kill between the two renames leaves
+    final.old, which data.claim puts back."""
+    old = final + ".old"
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
@@ -269,7 +265,10 @@ def save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, ran
         rngs = [None] * world
         dist.all_gather_object(rngs, rng_state(device))
     if rank == 0:
-        save_folder(model, os.path.join(args.out_dir, "model"))
+        final = os.path.join(args.out_dir, "model")
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
+        model.save(final + ".tmp")
+        swap_in(final + ".tmp", final)
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rngs,
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "args": vars(args)}
         data.atomic_write(os.path.join(args.out_dir, "train_state.pt"), lambda f: torch.save(state, f), mode="wb")
@@ -346,23 +345,25 @@ def load_eval_set(args):
         raise data.InputError(f"--eval_dataset {ref}: no qrels to evaluate against")
     return corpus, queries, qrels
 
-def evaluate(model, eval_set, step, args, ctx, log, rank, world):
-    """Rank 0 scores the model on the evaluation set as evaluate.py does (exact search, pytrec_eval), logs it and
-    keeps the best model so far in out_dir/best/ with best/eval.json (its step and value: the best survives a
-    resume); the other ranks wait."""
+def evaluate(model, eval_set, step, args, dtype, log, rank, world):
+    """Rank 0 saves the model to out_dir/best.tmp and scores it exactly as evaluate.py --model would (loaded from
+    those files, weights in dtype; exact search, pytrec_eval), logs it, and keeps it as out_dir/best/ (with
+    best/eval.json: its step and value; the best so far survives a resume) if it beats the best so far. The
+    model being trained is not touched (nor its RNG); the other ranks wait."""
     if rank == 0:
-        model.eval()
-        with ctx:
-            means = retrieval.evaluate_model(model, *eval_set)[1]
-        model.train()
+        best, tmp = os.path.join(args.out_dir, "best"), os.path.join(args.out_dir, "best.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save(tmp)
+        means = retrieval.evaluate_model(for_inference(tmp, next(model.parameters()).device, dtype), *eval_set)[1]
         log.write(json.dumps({"step": step, "eval": means}) + "\n")
         log.flush()
-        best = os.path.join(args.out_dir, "best")
         value, before = means[args.eval_metric], -math.inf
         if os.path.isfile(os.path.join(best, "eval.json")):
             before = data.read_json(os.path.join(best, "eval.json"))[args.eval_metric]
         if value > before:
-            save_folder(model, best, {"eval.json": {"step": step, args.eval_metric: value}})
+            data.write_json(os.path.join(tmp, "eval.json"), {"step": step, args.eval_metric: value})
+            swap_in(tmp, best)
+        shutil.rmtree(tmp, ignore_errors=True)
         tqdm.write(f"eval step {step} | {args.eval_metric} {value:.4f} | best {max(value, before):.4f}")
     if world > 1:
         dist.barrier()
@@ -409,7 +410,7 @@ def main(args):
     log_path = os.path.join(args.out_dir, "log.jsonl")
     log = open(log_path, "a" if start else "w") if rank == 0 else None  # a fresh run starts a fresh log
     if eval_set and not start:
-        evaluate(model, eval_set, 0, args, ctx, log, rank, world)
+        evaluate(model, eval_set, 0, args, dtype, log, rank, world)
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
     for batch in batches(model, examples, sizes, use_ids, args, range(start, total_steps), rank, world):
         t0 = time.time()
@@ -453,7 +454,7 @@ def main(args):
                 tqdm.write(f"step {step}/{total_steps} | loss {loss_v:.4f} | acc {acc:.3f} | lr {lr:.2e} | "
                            f"{row['q_per_s']:.1f} q/s | {row['tokens_per_s']:.0f} tok/s | mem {row['mem_gb']:.2f} GB")
         if eval_set and (step == total_steps or (args.eval_every and step % args.eval_every == 0)):
-            evaluate(model, eval_set, step, args, ctx, log, rank, world)
+            evaluate(model, eval_set, step, args, dtype, log, rank, world)
         if (args.save_every and step % args.save_every == 0) or step == total_steps or stopping:
             save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, rank, world)
         if stopping:
