@@ -378,7 +378,8 @@ def claim(folder):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise InputError(f"{folder}: another run is writing there; wait for it, or give another folder") from None
-    for leftover in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "*.old")):
+    swapped = [os.path.join(folder, f"{name}.old") for name in ("model", "best")]  # the folders train.swap_in moves
+    for leftover in glob.glob(os.path.join(folder, "*.tmp")) + [p for p in swapped if os.path.isdir(p)]:
         if leftover.endswith(".old") and not os.path.exists(leftover[:-4]):  # killed between a folder swap's renames
             os.rename(leftover, leftover[:-4])
         else:

@@ -290,7 +290,8 @@ def load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, wor
     for name in ("model", "batch_size", "seed", "group_size", "train_data", "mix", "dataset",
                  "epochs", "data_hash", "eval_dataset", "eval_split", "eval_queries", "eval_metric"):
         if state["args"].get(name) != vars(args)[name]:  # another model, or a data position meaning another thing
-            what = "other data" if name == "data_hash" else f"--{name} {state['args'][name]}, not {vars(args)[name]}"
+            what = ("other data" if name == "data_hash" else
+                    f"--{name} {state['args'].get(name)}, not {vars(args)[name]}")  # .get: older checkpoints lack some
             raise data.InputError(f"{path}: it was trained with {what}; use another --out_dir, or the same flags")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

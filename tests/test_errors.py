@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import encode
@@ -178,9 +179,11 @@ def test_one_writer_a_folder_and_leftovers_cleaned(tmp_path):
     (tmp_path / "model.tmp").mkdir()
     for name in ("model", "model.old", "best.old"):  # killed in a swap: best/ moved aside, its successor not in
         (tmp_path / name).mkdir()
+    (tmp_path / "notes.old").write_text("a user's file")
     held = data.claim(str(tmp_path))
     assert not (tmp_path / "train_state.pt.x1y2.tmp").exists() and not (tmp_path / "model.tmp").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["best", "model"]  # the old best back
+    assert (tmp_path / "notes.old").read_text() == "a user's file"  # only the swap's folders are touched
     with pytest.raises(data.InputError, match="another run is writing there"):
         data.claim(str(tmp_path))
     held.close()
@@ -193,10 +196,16 @@ def test_resume_refuses_changed_data_and_a_truncated_state(tmp_path, tiny_model)
     flags = ["--model", tiny_model, "--train_data", str(tmp_path / "t.jsonl"), "--batch_size", "4",
              "--out_dir", str(tmp_path / "o"), "--device", "cpu"]
     train.main(train.parser.parse_args(flags))
+    state = tmp_path / "o" / "train_state.pt"
+    saved = torch.load(state, weights_only=False)
+    del saved["args"]["mix"]  # a checkpoint from before --mix existed
+    torch.save(saved, state)
+    with pytest.raises(data.InputError, match="it was trained with --mix None, not size"):
+        train.main(train.parser.parse_args(flags + ["--resume"]))
+    torch.save({**saved, "args": {**saved["args"], "mix": "size"}}, state)
     data.write_jsonl(tmp_path / "t.jsonl", rows[::-1])  # the same name, other contents
     with pytest.raises(data.InputError, match="it was trained with other data"):
         train.main(train.parser.parse_args(flags + ["--resume"]))
-    state = tmp_path / "o" / "train_state.pt"
     state.write_bytes(state.read_bytes()[:500])
     with pytest.raises(data.InputError, match="train_state.pt: cannot read it"):
         train.main(train.parser.parse_args(flags + ["--resume"]))
