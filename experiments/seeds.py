@@ -31,7 +31,7 @@ for i, (folders, scores, queries) in enumerate(rows):
         cells.append(f"{means.mean():.4f} ± {std:.4f}")
     ps = []
     for j in (0, i - 1):
-        other_folders, other, other_queries = rows[j]
+        _, other, other_queries = rows[j]
         if i == 0 or other_queries != queries:
             ps.append("" if i == 0 else "queries differ")
             continue
