@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-runs/nfcorpus}
-EPOCHS=${EPOCHS:-2} STEPS=${STEPS:-0} MASK=${MASK:-1} LR=${LR:-1e-4} TEMP=${TEMP:-0.05} ADROP=${ADROP:-0} SEED=${SEED:-0}
+EPOCHS=${EPOCHS:-2} STEPS=${STEPS:-0} MASK=${MASK:-1} LR=${LR:-1e-4} TEMP=${TEMP:-0.05} ADROP=${ADROP:-0}
+SEED=${SEED:-0}
 RUN="$OUT/e${EPOCHS}_steps${STEPS}_mask${MASK}_lr${LR}_t${TEMP}_ad${ADROP}_s${SEED}"
 mkdir -p "$RUN"
 
