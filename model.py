@@ -1,123 +1,81 @@
-"""The bi-encoder: a transformer, pooling, L2 normalisation and instruction prefixes; save and load.
+"""The bi-encoder: a transformer that turns a text into a vector, with pooling, L2 normalisation and
+instruction prefixes; one tower for queries and documents, or one each; save and load.
 
-    model = BiEncoder("runs/ft/model")            # a checkpoint, or any Hugging Face folder
+    model = BiEncoder("runs/ft/model")         # a checkpoint, or any Hugging Face folder
     batch = model.tokenize(["what is x?"], "query")
-    q = model(batch, "query")                      # (B, D), unit length when normalize is on
-    e = model.encode(texts, "doc")                 # numpy (N, D): batched, length-sorted, no gradients
+    q = model(batch, "query")                  # (B, D), unit length when normalize is on
+    e = model.encode(texts, "doc")             # numpy (N, D): batched, length-sorted, no gradients
 
-BERT-family checkpoints (MiniLM, BGE, E5, GTE) run on `Bert` below, in training and in inference: the whole
-forward on one screen, nanoGPT-style. It reads and writes Hugging Face's weight names, so a checkpoint loads
-unchanged in transformers and sentence-transformers. Other architectures run on transformers' AutoModel.
+BERT-family checkpoints (MiniLM, BGE, E5, GTE) run on `Bert` below, in training and in inference:
+the whole forward on one screen, nanoGPT-style. It reads and writes Hugging Face's weight names, so
+a checkpoint loads unchanged in transformers and sentence-transformers. Other architectures run on
+transformers' AutoModel.
 
-Settings that must match between training and inference (pooling, normalize, prefixes, max lengths) travel in
-`biencoder.json` inside the saved folder. A plain Hugging Face folder gets them from its sentence-transformers
-files when present (all-MiniLM-L6-v2: mean pooling, normalize, 256 tokens), else from DEFAULTS (BGE-style).
+Settings that must match between training and inference (pooling, normalize, prefixes, max lengths,
+separate towers) travel in `biencoder.json` inside the saved folder. A plain Hugging Face folder
+gets them from its sentence-transformers files when it has them (all-MiniLM-L6-v2: mean pooling,
+normalize, 256 tokens), else from DEFAULTS (BGE's: the CLS token, normalized).
 """
-import datetime
 import json
 import os
-import re
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer  # the modeling code is imported only for non-BERT models
+# the modeling code is imported only for non-BERT models
+from transformers import AutoConfig, AutoTokenizer
 
 import data
-from data import InputError, background
+from cli import InputError
 
-SETTINGS = "biencoder.json"
-DEFAULTS = dict(pooling="cls", normalize=True, query_prefix="", doc_prefix="", query_max_len=512, passage_max_len=512)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-def setup(name="auto"):
-    """This process's device and, under torchrun, its process group -> (device, rank, world).
-    "cuda" is this rank's GPU (LOCAL_RANK); the backend follows the device: NCCL for cuda, gloo for cpu."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: no GPU is visible to PyTorch; use --device cpu")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
-        torch.cuda.set_device(device)  # so that RNG states, allocations and NCCL all use this GPU
-    if "RANK" not in os.environ:
-        return device, 0, 1
-    if not dist.is_initialized():  # a generous timeout: rank 0 saving a large checkpoint keeps the others waiting
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
-                                device_id=device if device.type == "cuda" else None)
-    return device, dist.get_rank(), dist.get_world_size()
-
-def read_settings(path):
-    """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files, else DEFAULTS."""
-    file = lambda name: os.path.join(path, name)
-    if os.path.isfile(file(SETTINGS)):
-        return {**DEFAULTS, **data.read_json(file(SETTINGS))}
-    s, modules = dict(DEFAULTS), data.read_json(file("modules.json")) if os.path.isfile(file("modules.json")) else []
-    s["normalize"] = any(m["type"].endswith("Normalize") for m in modules) if modules else s["normalize"]
-    for m in modules:
-        if m["type"].endswith("Pooling"):
-            pool = data.read_json(os.path.join(path, m["path"], "config.json"))
-            s["pooling"] = ("mean" if pool.get("pooling_mode_mean_tokens") else
-                            "last" if pool.get("pooling_mode_lasttoken") else "cls")
-    if os.path.isfile(file("sentence_bert_config.json")):
-        s["query_max_len"] = s["passage_max_len"] = data.read_json(file("sentence_bert_config.json"))["max_seq_length"]
-    if os.path.isfile(file("config_sentence_transformers.json")):
-        prompts = data.read_json(file("config_sentence_transformers.json")).get("prompts") or {}
-        s["query_prefix"], s["doc_prefix"] = prompts.get("query", ""), prompts.get("document", "")
-    return s
-
-# ------------------------------------------------------------------------------------------------ BERT
-
-# Our parameter names -> transformers' BertModel names (a layer's after "encoder.layer.N."); q, k and v are one
-# matrix here, three stacked there.
-HF_NAMES = {"word": "embeddings.word_embeddings", "position": "embeddings.position_embeddings",
-            "token_type": "embeddings.token_type_embeddings", "norm": "embeddings.LayerNorm",
-            "qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
-            "attn_out": "attention.output.dense", "norm1": "attention.output.LayerNorm",
-            "up": "intermediate.dense", "down": "output.dense", "norm2": "output.LayerNorm"}
-
-def hf_names(name):
-    """"layers.3.qkv.weight" -> ["encoder.layer.3.attention.self.query.weight", ... key, value]."""
-    *layer, module, param = name.split(".")
-    theirs = HF_NAMES[module]
-    return [f"{'encoder.layer.' + layer[1] + '.' if layer else ''}{t}.{param}"
-            for t in ((theirs,) if isinstance(theirs, str) else theirs)]
-
+# --------------------------------------------------------------------------------------------- BERT
 
 class Bert(nn.Module):
-    """BERT's encoder: token + position (+ segment 0) embeddings, then per layer self-attention and an MLP, each
-    added to its input and layer-normalised after (post-norm). Dropout as in BERT's pretraining: on the
-    embeddings, on the attention probabilities (inside SDPA) and on each block's output."""
+    """BERT's encoder: token + position (+ segment 0) embeddings, then per layer self-attention and
+    an MLP, each added to its input and layer-normalised after (post-norm). Dropout as in BERT's
+    pretraining: on the embeddings, on the attention probabilities (inside SDPA) and on each block's
+    output."""
 
     def __init__(self, config):
         super().__init__()
-        d, eps, self.config = config.hidden_size, config.layer_norm_eps, config
+        self.config = config
+        d = config.hidden_size
+        eps = config.layer_norm_eps
         self.word = nn.Embedding(config.vocab_size, d)
         self.position = nn.Embedding(config.max_position_embeddings, d)
         self.token_type = nn.Embedding(config.type_vocab_size, d)
         self.norm = nn.LayerNorm(d, eps=eps)
-        self.layers = nn.ModuleList(nn.ModuleDict(dict(
-            qkv=nn.Linear(d, 3 * d), attn_out=nn.Linear(d, d), norm1=nn.LayerNorm(d, eps=eps),
-            up=nn.Linear(d, config.intermediate_size), down=nn.Linear(config.intermediate_size, d),
-            norm2=nn.LayerNorm(d, eps=eps))) for _ in range(config.num_hidden_layers))
-        self.unused = {}  # checkpoint tensors the encoder does not use (BERT's pooler): saved back unchanged
+        self.layers = nn.ModuleList()
+        for _ in range(config.num_hidden_layers):
+            self.layers.append(nn.ModuleDict(dict(
+                qkv=nn.Linear(d, 3 * d),  # queries, keys and values in one matrix
+                attn_out=nn.Linear(d, d),
+                norm1=nn.LayerNorm(d, eps=eps),
+                up=nn.Linear(d, config.intermediate_size),
+                down=nn.Linear(config.intermediate_size, d),
+                norm2=nn.LayerNorm(d, eps=eps),
+            )))
+        # checkpoint tensors the encoder does not use (BERT's pooler): saved back unchanged
+        self.unused = {}
 
     def forward(self, input_ids, attention_mask=None):
-        """(B, L) token ids and padding mask (1 = real token; None = no padding) -> hidden states (B, L, d)."""
-        (B, L), heads = input_ids.shape, self.config.num_attention_heads
+        """(B, L) token ids and padding mask (1 = real token; None = no padding) -> hidden states
+        (B, L, d)."""
+        B, L = input_ids.shape
+        heads = self.config.num_attention_heads
         p_hidden = self.config.hidden_dropout_prob if self.training else 0.0
         p_attn = self.config.attention_probs_dropout_prob if self.training else 0.0
         x = self.word(input_ids) + self.position.weight[:L] + self.token_type.weight[0]  # (B, L, d)
         x = F.dropout(self.norm(x), p_hidden, self.training)
-        # (B, 1, 1, L), broadcast over heads and query positions: every token attends to the real tokens only
+        # (B, 1, 1, L), broadcast over heads and query positions: every token attends to the real
+        # tokens only
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for layer in self.layers:
-            q, k, v = layer.qkv(x).view(B, L, 3, heads, -1).permute(2, 0, 3, 1, 4)  # each (B, heads, L, d/heads)
+            # each (B, heads, L, d/heads)
+            q, k, v = layer.qkv(x).view(B, L, 3, heads, -1).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_attn)
             a = a.transpose(1, 2).reshape(B, L, -1)  # heads side by side again: (B, L, d)
             x = layer.norm1(x + F.dropout(layer.attn_out(a), p_hidden, self.training))
@@ -126,62 +84,180 @@ class Bert(nn.Module):
 
     @staticmethod
     def load(path, config):
-        """Our Bert with the weights of path/model.safetensors, or None where it cannot run the checkpoint."""
+        """Our Bert with the weights of path/model.safetensors, or None where it cannot run the
+        checkpoint."""
         file = os.path.join(path, "model.safetensors")
-        if not (config.model_type == "bert" and config.hidden_act == "gelu" and not config.is_decoder
-                and getattr(config, "position_embedding_type", "absolute") == "absolute" and os.path.isfile(file)):
+        runs_it = (config.model_type == "bert" and config.hidden_act == "gelu"
+                   and not config.is_decoder
+                   and getattr(config, "position_embedding_type", "absolute") == "absolute")
+        if not runs_it or not os.path.isfile(file):
             return None
         model = Bert(config)
         try:
-            hf = {k.removeprefix("bert."): v for k, v in load_file(file).items()}  # BertFor*: "bert." prefixes
-            model.load_state_dict({k: torch.cat([hf.pop(n) for n in hf_names(k)]) for k in model.state_dict()})
-        except Exception as e:  # a truncated file, a missing weight, a shape the config does not give
-            raise InputError(f"{file}: not a complete BERT checkpoint of its config.json ({e})") from None
+            # BertFor*: "bert." prefixes
+            hf = {k.removeprefix("bert."): v for k, v in load_file(file).items()}
+            ours = {name: torch.cat([hf.pop(n) for n in hf_names(name)])
+                    for name in model.state_dict()}
+            model.load_state_dict(ours)
+        # a truncated file, a missing weight, a shape the config does not give
+        except Exception as e:
+            raise InputError(f"{file}: not a complete BERT checkpoint of its config.json "
+                             f"({e})") from None
         model.unused = hf
         return model
 
     def save(self, path):
-        """config.json and model.safetensors under transformers' names (q, k and v split apart again)."""
+        """config.json and model.safetensors under transformers' names (q, k and v split apart
+        again)."""
         self.config.architectures = ["BertModel"]
         self.config.save_pretrained(path)
         tensors = dict(self.unused)
-        for name, param in self.state_dict().items():  # clone: safetensors refuses views of one storage
-            tensors.update(zip(hf_names(name), (t.clone() for t in param.chunk(len(hf_names(name))))))
+        for name, param in self.state_dict().items():
+            theirs = hf_names(name)
+            for their_name, part in zip(theirs, param.chunk(len(theirs))):
+                # clone: safetensors refuses views of one storage
+                tensors[their_name] = part.clone()
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
+# Our parameter names -> transformers' BertModel names (a layer's after "encoder.layer.N."); q, k
+# and v are one matrix here, three stacked there.
+HF_NAMES = {
+    "word": "embeddings.word_embeddings",
+    "position": "embeddings.position_embeddings",
+    "token_type": "embeddings.token_type_embeddings",
+    "norm": "embeddings.LayerNorm",
+    "qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+    "attn_out": "attention.output.dense",
+    "norm1": "attention.output.LayerNorm",
+    "up": "intermediate.dense",
+    "down": "output.dense",
+    "norm2": "output.LayerNorm",
+}
+
+def hf_names(name):
+    """"layers.3.qkv.weight" -> ["encoder.layer.3.attention.self.query.weight", ... key, value]."""
+    *layer, module, param = name.split(".")
+    theirs = HF_NAMES[module]
+    if isinstance(theirs, str):
+        theirs = (theirs,)
+    prefix = f"encoder.layer.{layer[1]}." if layer else ""
+    return [f"{prefix}{t}.{param}" for t in theirs]
+
 def load_encoder(path, attention_dropout=None):
-    """The transformer of a folder: our Bert where it can run it, else transformers' AutoModel with PyTorch's fused
-    attention (SDPA). attention_dropout, if given, replaces the config's dropout on attention probabilities."""
+    """The transformer of a folder: our Bert where it can run it, else transformers' AutoModel with
+    PyTorch's fused attention (SDPA). attention_dropout, if given, replaces the config's dropout on
+    attention probabilities."""
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") from None
-    names = [n for n in ("attention_probs_dropout_prob", "attention_dropout") if hasattr(config, n)]
-    if attention_dropout is not None and not names:
-        raise InputError(f"--attention_dropout: the config of {path} has no attention dropout setting")
-    for name in names if attention_dropout is not None else []:
-        setattr(config, name, attention_dropout)
+    if attention_dropout is not None:
+        names = [n for n in ("attention_probs_dropout_prob", "attention_dropout")
+                 if hasattr(config, n)]
+        if not names:
+            raise InputError(f"--attention_dropout: the config of {path} has no attention dropout "
+                             f"setting")
+        for name in names:
+            setattr(config, name, attention_dropout)
     model = Bert.load(path, config)
     if model is None:
-        from transformers import AutoModel  # imported here only: a heavy import that a BERT never needs
+        # imported here only: a heavy import that a BERT never needs
+        from transformers import AutoModel
         model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa")
     return model
 
-# ------------------------------------------------------------------------------------------------ bi-encoder
+def save_encoder(encoder, path):
+    if isinstance(encoder, Bert):
+        encoder.save(path)
+    else:
+        encoder.save_pretrained(path)
+
+# ----------------------------------------------------------------------------------------- settings
+
+SETTINGS = "biencoder.json"
+DEFAULTS = {
+    "pooling": "cls",
+    "normalize": True,
+    "query_prefix": "",
+    "doc_prefix": "",
+    "query_max_len": 512,
+    "passage_max_len": 512,
+    "separate_towers": False,
+}
+# With separate towers a checkpoint holds two Hugging Face folders, one a tower;
+# sentence-transformers routes queries and documents to them (its Router module).
+TOWERS = {"query": "query", "doc": "document"}
+
+def read_settings(path):
+    """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files,
+    else DEFAULTS."""
+    def file(name):
+        return os.path.join(path, name)
+    if os.path.isfile(file(SETTINGS)):
+        return {**DEFAULTS, **data.read_json(file(SETTINGS))}
+    settings = dict(DEFAULTS)
+    if os.path.isfile(file("modules.json")):
+        modules = data.read_json(file("modules.json"))
+        settings["normalize"] = any(m["type"].endswith("Normalize") for m in modules)
+        for m in modules:
+            if not m["type"].endswith("Pooling"):
+                continue
+            pool = data.read_json(os.path.join(path, m["path"], "config.json"))
+            if pool.get("pooling_mode_mean_tokens"):
+                settings["pooling"] = "mean"
+            elif pool.get("pooling_mode_lasttoken"):
+                settings["pooling"] = "last"
+            else:
+                settings["pooling"] = "cls"
+    if os.path.isfile(file("sentence_bert_config.json")):
+        max_len = data.read_json(file("sentence_bert_config.json"))["max_seq_length"]
+        settings["query_max_len"] = max_len
+        settings["passage_max_len"] = max_len
+    if os.path.isfile(file("config_sentence_transformers.json")):
+        prompts = data.read_json(file("config_sentence_transformers.json")).get("prompts") or {}
+        settings["query_prefix"] = prompts.get("query", "")
+        settings["doc_prefix"] = prompts.get("document", "")
+    return settings
+
+# --------------------------------------------------------------------------------------- bi-encoder
 
 class BiEncoder(nn.Module):
+    """A text -> its embedding: tokenize (with the instruction prefix of its kind, "query" or
+    "doc"), run the transformer of that kind's tower, pool its hidden states into one vector,
+    normalise it."""
+
     def __init__(self, path, attention_dropout=None, **overrides):
+        """The model in folder path (a checkpoint, or any Hugging Face folder); overrides that are
+        not None replace its settings (e.g. pooling="mean", separate_towers=True to start two towers
+        from it)."""
         super().__init__()
         if not os.path.isdir(path):
-            raise InputError(f"--model {path}: not a folder (nothing is downloaded; give a local Hugging Face folder)")
-        self.settings = {**read_settings(path), **{k: v for k, v in overrides.items() if v is not None}}
+            raise InputError(f"--model {path}: not a folder (nothing is downloaded; give a local "
+                             f"Hugging Face folder)")
+        self.settings = read_settings(path)
+        for key, value in overrides.items():
+            if value is not None:
+                self.settings[key] = value
         if self.settings["pooling"] not in ("cls", "mean", "last"):
-            raise InputError(f"unknown pooling {self.settings['pooling']!r}; choose cls, mean or last")
-        self.encoder = load_encoder(path, attention_dropout)
+            raise InputError(f"unknown pooling {self.settings['pooling']!r}; choose cls, mean or "
+                             f"last")
+        # a checkpoint with two towers
+        has_towers = os.path.isdir(os.path.join(path, TOWERS["query"]))
+        if has_towers and not self.settings["separate_towers"]:
+            raise InputError(f"{path}: a checkpoint with separate towers; it cannot become one "
+                             f"shared tower")
+        doc_path = os.path.join(path, TOWERS["doc"]) if has_towers else path
+        # documents, and queries when shared
+        self.encoder = load_encoder(doc_path, attention_dropout)
+        self.query_encoder = None
+        if self.settings["separate_towers"]:
+            query_path = os.path.join(path, TOWERS["query"]) if has_towers else path
+            self.query_encoder = load_encoder(query_path, attention_dropout)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(doc_path)
         except (OSError, ValueError) as e:
-            raise InputError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{path}: cannot load its tokenizer "
+                             f"({str(e).splitlines()[0]})") from None
         if self.tokenizer.pad_token is None:  # decoder models (last-token pooling) often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
         positions = getattr(self.encoder.config, "max_position_embeddings", float("inf"))
@@ -193,48 +269,76 @@ class BiEncoder(nn.Module):
     def dim(self):
         return self.encoder.config.hidden_size
 
+    def tower(self, kind):
+        """The transformer that embeds texts of this kind ("query" or "doc")."""
+        if kind == "query" and self.query_encoder is not None:
+            return self.query_encoder
+        return self.encoder
+
     def tokenize(self, texts, kind, padding=True):
-        """Prefix and tokenize texts ("query" or "doc"), truncated to their max length: (B, L) tensors padded to
-        the longest, or with padding=False lists of ids (to sort by length and pad later with tokenizer.pad)."""
-        prefix, max_len = (self.settings[k] for k in (("query_prefix", "query_max_len") if kind == "query" else
-                                                      ("doc_prefix", "passage_max_len")))
-        return self.tokenizer([prefix + t for t in texts], padding=padding, truncation=True, max_length=max_len,
-                              return_tensors="pt" if padding else None, return_token_type_ids=False)
+        """Prefix and tokenize texts of a kind ("query" or "doc"), truncated to its max length:
+        (B, L) tensors padded to the longest, or with padding=False lists of ids (to sort by length
+        and pad later)."""
+        if kind == "query":
+            prefix, max_len = self.settings["query_prefix"], self.settings["query_max_len"]
+        else:
+            prefix, max_len = self.settings["doc_prefix"], self.settings["passage_max_len"]
+        return self.tokenizer([prefix + t for t in texts], padding=padding, truncation=True,
+                              max_length=max_len, return_tensors="pt" if padding else None,
+                              return_token_type_ids=False)
 
     def forward(self, batch, kind):
-        """batch: the tokenizer's input_ids and attention_mask (B, L), best still on the CPU -> embeddings (B, D)."""
+        """batch: the tokenizer's input_ids and attention_mask (B, L), best still on the CPU ->
+        embeddings (B, D), in float32 when normalised (even under bf16)."""
         device = next(self.parameters()).device
         padded = not bool(batch["attention_mask"].all())  # decided on the CPU: no wait for the GPU
-        ids, mask = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask"))  # (B, L)
-        hidden = self.encoder(input_ids=ids, attention_mask=mask if padded else None)  # (B, L, H)
-        hidden = hidden if torch.is_tensor(hidden) else hidden.last_hidden_state
-        if self.settings["pooling"] == "cls":
+        ids = batch["input_ids"].to(device, non_blocking=True)  # (B, L)
+        mask = batch["attention_mask"].to(device, non_blocking=True)  # (B, L)
+        # (B, L, H)
+        hidden = self.tower(kind)(input_ids=ids, attention_mask=mask if padded else None)
+        if not torch.is_tensor(hidden):  # transformers' models return an output object
+            hidden = hidden.last_hidden_state
+        pooling = self.settings["pooling"]
+        if pooling == "cls":
             emb = hidden[:, 0]
-        elif self.settings["pooling"] == "mean":
+        elif pooling == "mean":  # over the real tokens only
             m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
             emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-        else:  # "last": the last real token; with left padding that is always position -1
-            last = torch.full_like(mask[:, 0], mask.shape[1] - 1) if bool(mask[:, -1].all()) else mask.sum(1) - 1
+        else:  # "last": the last real token of each text
+            if bool(mask[:, -1].all()):  # left padding (or none): position L - 1 in every row
+                last = torch.full_like(mask[:, 0], mask.shape[1] - 1)
+            else:  # right padding: just after the real tokens
+                last = mask.sum(1) - 1
             emb = hidden[torch.arange(hidden.shape[0], device=device), last]
-        return F.normalize(emb.float(), dim=-1) if self.settings["normalize"] else emb  # in float32, even in bf16
+        if self.settings["normalize"]:
+            emb = F.normalize(emb.float(), dim=-1)
+        return emb
 
     @torch.inference_mode()
     def encode(self, texts, kind, batch_size=None, progress=None):
-        """Embed texts ("query" or "doc") -> float32 numpy (len(texts), D) in their order. Sorted by length so each
-        batch pads only to its own longest text (longest first: an out-of-memory shows at once); the next batch is
-        padded in a background thread while the device works; the vectors stay on the device until the end.
-        progress: a tqdm bar to advance, or the description of a bar of its own."""
+        """Embed texts of a kind ("query" or "doc") -> float32 numpy (len(texts), D) in their order.
+        Sorted by length so that each batch pads only to its own longest text (longest first: an
+        out-of-memory shows at once); the next batch is padded in a background thread while the
+        device works; the vectors stay on the device until the end. progress: a tqdm bar to advance,
+        or the description of a bar of its own."""
         device = next(self.parameters()).device
-        bar = tqdm(total=len(texts), desc=progress, unit=kind, mininterval=2) if isinstance(progress, str) else progress
-        batch_size = batch_size or (256 if device.type == "cuda" else 32)
+        bar = progress
+        if isinstance(progress, str):
+            bar = tqdm(total=len(texts), desc=progress, unit=kind, mininterval=2)
+        if batch_size is None:
+            batch_size = 256 if device.type == "cuda" else 32
         tokens = self.tokenize(texts, kind, padding=False)["input_ids"]
         order = np.argsort([-len(t) for t in tokens], kind="stable")
         out = torch.empty(len(texts), self.dim, dtype=torch.float32, device=device)
 
-        def pad(idx):  # runs in the background thread; pinned memory lets the copy to a GPU run asynchronously
+        # in the background thread; pinned memory lets the copy to a GPU run asynchronously
+        def pad(idx):
             batch = self.tokenizer.pad({"input_ids": [tokens[j] for j in idx]}, return_tensors="pt")
-            return idx, {k: v.pin_memory() if device.type == "cuda" else v for k, v in batch.items()}
-        for idx, batch in background(pad(order[i:i + batch_size]) for i in range(0, len(order), batch_size)):
+            if device.type == "cuda":
+                batch = {k: v.pin_memory() for k, v in batch.items()}
+            return idx, batch
+        batches = (pad(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
+        for idx, batch in data.background(batches):
             out[torch.from_numpy(idx).to(device)] = self(batch, kind).float()
             if bar is not None:
                 bar.update(len(idx))
@@ -243,58 +347,64 @@ class BiEncoder(nn.Module):
         return out.cpu().numpy()
 
     def save(self, path):
-        """Hugging Face weights + tokenizer, biencoder.json, and the sentence-transformers files, so that
-        SentenceTransformer(path) gives the same document vectors (queries: prompt_name="query")."""
-        self.encoder.save(path) if isinstance(self.encoder, Bert) else self.encoder.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        """Hugging Face weights and tokenizer, biencoder.json, and the sentence-transformers files,
+        so that SentenceTransformer(path) gives the same vectors: encode_document (or plain encode)
+        for documents, encode_query (or prompt_name="query") for queries. With separate towers each
+        tower is a Hugging Face folder of its own (path/query, path/document), routed by
+        sentence-transformers' Router."""
         s = self.settings
-        modules = [("Transformer", ""), ("Pooling", "1_Pooling")] + [("Normalize", "2_Normalize")] * s["normalize"]
-        pooling = {f"pooling_mode_{m}": s["pooling"] == p for m, p in (("cls_token", "cls"), ("mean_tokens", "mean"),
-                                                                       ("lasttoken", "last"))}
-        for name, obj in {SETTINGS: s, "sentence_bert_config.json": {"max_seq_length": s["passage_max_len"]},
-                          "modules.json": [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers."
-                                            f"models.{t}"} for i, (t, p) in enumerate(modules)],
-                          "1_Pooling/config.json": {"word_embedding_dimension": self.dim, **pooling},
-                          "config_sentence_transformers.json": {"prompts": {"query": s["query_prefix"], "document":
-                                                                s["doc_prefix"]}, "similarity_fn_name": "cosine"}
-                          }.items():
-            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
-            with open(os.path.join(path, name), "w") as f:
-                json.dump(obj, f, indent=2)
+        if self.query_encoder is None:
+            save_encoder(self.encoder, path)
+            self.tokenizer.save_pretrained(path)
+            write(path, "sentence_bert_config.json", {"max_seq_length": s["passage_max_len"]})
+            first = {"type": "sentence_transformers.models.Transformer"}
+        else:
+            towers = ((self.query_encoder, "query", s["query_max_len"]),
+                      (self.encoder, "document", s["passage_max_len"]))
+            for encoder, name, max_len in towers:
+                save_encoder(encoder, os.path.join(path, name))
+                self.tokenizer.save_pretrained(os.path.join(path, name))
+                write(path, f"{name}/sentence_bert_config.json", {"max_seq_length": max_len})
+            transformer = "sentence_transformers.models.Transformer"
+            write(path, "router_config.json", {
+                "types": {"query": transformer, "document": transformer},
+                "structure": {"query": ["query"], "document": ["document"]},
+                "parameters": {"default_route": "document", "allow_empty_key": True},
+            })
+            first = {"type": "sentence_transformers.models.Router"}
+        modules = [first, {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}]
+        if s["normalize"]:
+            modules.append({"type": "sentence_transformers.models.Normalize",
+                            "path": "2_Normalize"})
+        for i, module in enumerate(modules):
+            module.update(idx=i, name=str(i), path=module.get("path", ""))
+        write(path, "modules.json", modules)
+        write(path, "1_Pooling/config.json", {
+            "word_embedding_dimension": self.dim,
+            "pooling_mode_cls_token": s["pooling"] == "cls",
+            "pooling_mode_mean_tokens": s["pooling"] == "mean",
+            "pooling_mode_lasttoken": s["pooling"] == "last",
+        })
+        write(path, "config_sentence_transformers.json", {
+            "prompts": {"query": s["query_prefix"], "document": s["doc_prefix"]},
+            "similarity_fn_name": "cosine",
+        })
+        write(path, SETTINGS, s)
+
+def write(folder, name, obj):
+    """folder/name as JSON, its folder made first (the model folder is swapped in whole, so no temp
+    file)."""
+    file = os.path.join(folder, name)
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2)
+
+# ---------------------------------------------------------------------------------------- inference
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def for_inference(path, device, dtype, **overrides):
-    """A BiEncoder to embed with: weights in dtype (no float32 master copy is needed without an optimizer, and
-    casting once beats autocast re-casting every forward), on the device, in eval mode."""
+    """A BiEncoder to embed with: weights in dtype (no float32 master copy is needed without an
+    optimizer, and casting once beats autocast re-casting every forward), on the device, in eval
+    mode."""
     return BiEncoder(path, **overrides).to(device, DTYPES[dtype]).eval()
-
-def load_teacher(path, device, dtype):
-    """A teacher's score(queries, texts, batch_size) -> one float a (query, text) pair: a cross-encoder (a
-    sequence-classification folder with one label) gives its logit of the pair, a bi-encoder the cosine of the
-    two embeddings (each distinct text embedded once)."""
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"--teacher {path}: cannot read config.json ({str(e).splitlines()[0]})") from None
-    if config.num_labels == 1 and any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained(path).to(device, DTYPES[dtype]).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-
-        @torch.inference_mode()
-        def cross_encoder(queries, texts, batch_size=None):
-            out, batch_size = [], batch_size or 32
-            for i in tqdm(range(0, len(texts), batch_size), desc="teacher", unit="batch", mininterval=2,
-                          disable=len(texts) <= batch_size):  # no bar for a single batch (mine.py's top-ups)
-                batch = tokenizer(queries[i:i + batch_size], texts[i:i + batch_size], padding=True, truncation=True,
-                                  return_tensors="pt").to(device)
-                out += model(**batch).logits[:, 0].float().tolist()
-            return out
-        return cross_encoder
-    model = for_inference(path, device, dtype)
-
-    def bi_encoder(queries, texts, batch_size=None):
-        rows = [{t: n for n, t in enumerate(dict.fromkeys(x))} for x in (queries, texts)]  # text -> its row
-        q, d = (F.normalize(torch.from_numpy(model.encode(list(r), kind, batch_size)), dim=-1)
-                for r, kind in zip(rows, ("query", "doc")))
-        return (q[[rows[0][t] for t in queries]] * d[[rows[1][t] for t in texts]]).sum(1).tolist()
-    return bi_encoder

@@ -1,24 +1,38 @@
-"""Stage: train data -> a fine-tuned bi-encoder checkpoint, by InfoNCE with in-batch and hard negatives.
+"""Stage: train data -> a fine-tuned bi-encoder checkpoint, by InfoNCE with in-batch and hard
+negatives.
 
-    python train.py --batch_size 1024 --temp 0.02                        # bundled MiniLM on beir/nfcorpus/train
-    python train.py --train_data runs/mined.jsonl --group_size 4 --out_dir runs/ft --epochs 2
-    python train.py --dataset beir/scifact/train --out_dir runs/ft       # qrels positives, in-batch negatives only
-    python train.py --train_data a.jsonl b.jsonl --eval_dataset beir/nfcorpus/dev --eval_every 20  # a batch a file
-    python train.py --out_dir runs/ft --resume                           # continue the last checkpoint exactly
-    torchrun --nproc_per_node 8 train.py --batch_size 8192 ...           # --batch_size is the global batch
+    python train.py  # the NFCorpus recipe (see below)
+    python train.py --batch_size 1024 --temp 0.02  # BGE's batch and temperature
+    python train.py --train_data runs/mined.jsonl --epochs 3 --out_dir runs/ft  # the SciFact recipe
+    python train.py --dataset beir/scifact/train --out_dir runs/ft
+        # qrels positives, in-batch negatives only
+    python train.py --train_data a.jsonl b.jsonl --eval_dataset beir/nfcorpus/dev --eval_every 20
+        # a batch a file
+    python train.py --train_data runs/mined.jsonl --separate_towers
+        # a query tower and a document tower
+    python train.py --train_data runs/mined.jsonl --mrl_dims 384 256 128 64  # Matryoshka embeddings
+    python train.py --out_dir runs/ft --resume  # continue the last checkpoint exactly
+    torchrun --nproc_per_node 8 train.py --batch_size 8192 ...  # --batch_size is the global batch
 
-One step: take the next --batch_size queries, each with a group of 1 positive + (group_size - 1) hard negatives,
-embed them all, and let every query see every document of the (global) batch as a negative. With --chunk_size
-the batch is embedded by gradient caching (Gao et al. 2021): memory grows with the chunk, not the batch, and the
-gradient is exactly that of the whole batch at once.
+One step: take the next --batch_size queries, each with a group of 1 positive + (group_size - 1)
+hard negatives, embed them all, and let every query see every document of the (global) batch as a
+negative. With --chunk_size the batch is embedded by gradient caching (Gao et al. 2021): memory
+grows with the chunk, not the batch, and the gradient is exactly that of the whole batch at once.
 
-With several --train_data files, each batch comes from one of them. With an evaluation set (--eval_dataset, or by
-default the dev split of the --dataset whose qrels it trains on), the model is scored before the first step, every
---eval_every steps and after the last, and the best one so far is kept in out_dir/best/ (with best/eval.json).
+The defaults are the measured recipes of experiments/ (docs/quality.md): batch 32, 2 epochs, lr 1e-4
+with 10% warmup, temperature 0.05, queries cut at 64 tokens, groups of 4 when the data has mined
+negatives (experiments/scifact.sh, 3 epochs there) and in-batch negatives only when it has none
+(experiments/nfcorpus.sh, on NFCorpus's train qrels, the default data). BGE's own setting is
+--batch_size 1024 --temp 0.02 on a GPU.
 
-Writes out_dir/model/ (Hugging Face + sentence-transformers files), out_dir/train_state.pt (everything needed to
-resume exactly) and out_dir/log.jsonl (one line a step and one an evaluation). SIGTERM/SIGINT: finish the step,
-save, exit 0.
+With several --train_data files each batch comes from one of them. With an evaluation set
+(--eval_dataset, or by default the dev split of the --dataset whose qrels it trains on) the model is
+scored before the first step, every --eval_every steps and after the last, and the best one so far
+is kept in out_dir/best/ (with best/eval.json).
+
+Writes out_dir/model/ (Hugging Face + sentence-transformers files), out_dir/train_state.pt
+(everything needed to resume exactly), out_dir/log.jsonl (one line a step and one an evaluation) and
+out_dir/train.png. SIGTERM or SIGINT: finish the step, save, exit 0.
 """
 import functools
 import hashlib
@@ -34,134 +48,208 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli
 import data
 import retrieval
-from loss import accuracy, distill_kl, fused_info_nce, gather, info_nce, margin_mse
-from model import DTYPES, BiEncoder, for_inference, setup
+import sampler
+from fused_loss import fused_info_nce
+from loss import accuracy, distill_kl, gather, info_nce, margin_mse
+from model import DTYPES, BiEncoder, for_inference
 
-parser = data.parser(__doc__, model=None, dataset="beir/nfcorpus/train", split=None, dtype=None, device="auto", seed=0)
+parser = cli.parser(__doc__, model=None, dataset="beir/nfcorpus/train", split=None, dtype=None,
+                    device="auto", seed=0)
 # data
-parser.add_argument("--train_data", nargs="+", help="FlagEmbedding jsonl files (query, pos, neg, ...), one a batch; "
-                    "else --dataset's qrels positives")
-parser.add_argument("--mix", default="size", choices=["size", "uniform"], help="files drawn in proportion to their "
-                    "size, or each as often as the largest")
-parser.add_argument("--group_size", type=data.positive, help="1 positive + G-1 negatives a query (default 2, or 1)")
-parser.add_argument("--query_max_len", type=data.positive, help="query tokens (default: the model's)")
-parser.add_argument("--passage_max_len", type=data.positive, help="document tokens (default: the model's)")
-parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1], help="0: other positives count")
+parser.add_argument("--train_data", nargs="+",
+                    help="FlagEmbedding jsonl files (query, pos, neg, ...); each batch comes from "
+                         "one of them. Default: the positives of --dataset's qrels.")
+parser.add_argument("--mix", default="size", choices=["size", "uniform"],
+                    help="With several --train_data files: batches from each in proportion to its "
+                         "size, or from each as often as from the largest.")
+parser.add_argument("--group_size", type=cli.positive,
+                    help="Documents a query: 1 positive + GROUP_SIZE - 1 of its negatives. "
+                         "Default: 4 when the data has negatives (the SciFact recipe), else 1.")
+parser.add_argument("--query_max_len", type=cli.positive, default=64,
+                    help="Cut queries at this many tokens (the recipes' 64 holds every SciFact and "
+                         "NFCorpus query).")
+parser.add_argument("--passage_max_len", type=cli.positive,
+                    help="Cut documents at this many tokens. Default: the model's (256 for "
+                         "all-MiniLM-L6-v2).")
+parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1],
+                    help="1: a document that is another positive of a query is left out of its "
+                         "negatives; 0: it counts as a negative.")
 # model
-parser.add_argument("--pooling", choices=["cls", "mean", "last"], help="default: the model's")
-parser.add_argument("--query_prefix", help="instruction before each query (default: the model's)")
-parser.add_argument("--doc_prefix", help="instruction before each document (default: the model's)")
-parser.add_argument("--attention_dropout", type=data.share, help="on attention probabilities (0: fast on CPU)")
+parser.add_argument("--pooling", choices=["cls", "mean", "last"],
+                    help="Pooling. Default: the model's.")
+parser.add_argument("--query_prefix",
+                    help="An instruction put before each query. Default: the model's.")
+parser.add_argument("--doc_prefix",
+                    help="An instruction put before each document. Default: the model's.")
+parser.add_argument("--attention_dropout", type=cli.share,
+                    help="Dropout on the attention probabilities. Default: the model's; 0 is the "
+                         "fast setting on a CPU, where PyTorch's attention with dropout takes a "
+                         "slow path.")
+parser.add_argument("--separate_towers", action="store_true",
+                    help="Train a query encoder and a document encoder, both starting from "
+                         "--model, instead of one shared encoder.")
+parser.add_argument("--compile", action="store_true", help="torch.compile the encoder.")
 # loss
-parser.add_argument("--temp", type=data.rate, default=0.02, help="InfoNCE temperature (BGE 0.02; ST's scale 20 = 0.05)")
-parser.add_argument("--loss", default="auto", choices=["auto", "reference", "fused"], help="auto: fused on big GPUs")
-parser.add_argument("--distill", choices=["kl", "margin_mse"], help="also learn the data's pos/neg_scores (score.py)")
-parser.add_argument("--teacher_temp", type=data.rate, help="--distill kl: the teacher's temperature (default: --temp)")
+parser.add_argument("--temp", type=cli.rate, default=0.05,
+                    help="The InfoNCE temperature (the recipes' 0.05 is sentence-transformers' "
+                         "scale 20; BGE uses 0.02).")
+parser.add_argument("--loss", default="auto", choices=["auto", "reference", "fused"],
+                    help="InfoNCE as loss.info_nce (reference) or tile by tile (fused_loss.py); "
+                         "auto: fused where a GPU's logit matrix would exceed 16M entries.")
+parser.add_argument("--mrl_dims", nargs="+", type=cli.positive,
+                    help="Matryoshka: the loss is the sum of the InfoNCE of each of these prefixes "
+                         "of the embedding (e.g. 384 256 128 64), so that each alone retrieves "
+                         "well.")
+parser.add_argument("--distill", choices=["kl", "margin_mse"],
+                    help="Also learn the data's pos_scores and neg_scores (score.py writes them): "
+                         "the KL of the two distributions over each group, or MarginMSE.")
+parser.add_argument("--teacher_temp", type=cli.rate,
+                    help="With --distill kl: the teacher's temperature. Default: --temp.")
 # optimisation
-parser.add_argument("--batch_size", type=data.positive, default=128, help="queries a step, over all ranks")
-parser.add_argument("--chunk_size", type=data.count, help="texts a forward pass (gradient cache); 0: off")
-parser.add_argument("--lr", type=data.rate, default=2e-5, help="peak learning rate (AdamW)")
-parser.add_argument("--weight_decay", type=data.nonnegative, default=0.01, help="AdamW weight decay")
-parser.add_argument("--warmup", type=data.nonnegative, default=0.1, help="a fraction of steps if < 1, else steps")
-parser.add_argument("--max_grad_norm", type=data.nonnegative, default=1.0, help="clip the gradient norm (0: off)")
-parser.add_argument("--epochs", type=data.positive, default=1, help="passes over the train data")
-parser.add_argument("--max_steps", type=data.count, default=0, help="stop after this many steps (0: all epochs)")
-parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+parser.add_argument("--batch_size", type=cli.positive, default=32,
+                    help="Queries a step, over all processes.")
+parser.add_argument("--chunk_size", type=cli.count,
+                    help="Texts a forward pass with gradient caching (0: off, the whole batch in "
+                         "one graph). Default: 32 on a CPU; on a GPU sized from the model and the "
+                         "length.")
+parser.add_argument("--lr", type=cli.rate, default=1e-4,
+                    help="The peak learning rate of AdamW (chosen on the dev splits: "
+                         "docs/quality.md).")
+parser.add_argument("--weight_decay", type=cli.nonnegative, default=0.01,
+                    help="AdamW's weight decay.")
+parser.add_argument("--warmup", type=cli.nonnegative, default=0.1,
+                    help="Linear warmup: a fraction of all steps if below 1, else a number of "
+                         "steps.")
+parser.add_argument("--max_grad_norm", type=cli.nonnegative, default=1.0,
+                    help="Clip the gradient norm to this (0: no clipping).")
+parser.add_argument("--epochs", type=cli.positive, default=2, help="Passes over the train data.")
+parser.add_argument("--max_steps", type=cli.count, default=0,
+                    help="Stop after this many steps (0: after all epochs).")
 # evaluation while training
-parser.add_argument("--eval_dataset", help="dataset reference to evaluate on (default: --dataset's dev split, if "
-                    "training on its qrels; none: off)")
-parser.add_argument("--eval_split", help="split of a BEIR folder --eval_dataset")
-parser.add_argument("--eval_queries", help="file of query ids: evaluate on these only (e.g. a dev part of train)")
-parser.add_argument("--eval_every", type=data.count, default=0, help="evaluate every N steps (0: first and last only)")
-parser.add_argument("--eval_metric", default="ndcg@10", help="the measure that picks out_dir/best/")
+parser.add_argument("--eval_dataset",
+                    help="A dataset to evaluate on while training. Default: --dataset's dev split "
+                         "when training on its qrels and it has one; none: no evaluation.")
+parser.add_argument("--eval_split", help="The split of a BEIR folder --eval_dataset.")
+parser.add_argument("--eval_queries",
+                    help="A file of query ids: evaluate on these only (e.g. a dev part carved from "
+                         "train).")
+parser.add_argument("--eval_every", type=cli.count, default=0,
+                    help="Evaluate every N steps (0: before the first and after the last only).")
+parser.add_argument("--eval_metric", default="ndcg@10",
+                    help="The measure that picks out_dir/best/.")
 # output
-parser.add_argument("--out_dir", default="runs/train", help="model/, train_state.pt and log.jsonl go here")
-parser.add_argument("--save_every", type=data.count, default=0, help="checkpoint every N steps (0: only at the end)")
-parser.add_argument("--log_every", type=data.positive, default=1, help="print a log line every N steps")
-parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"], help="continue --out_dir's "
-                    "checkpoint (auto: if there is one)")
+parser.add_argument("--out_dir", default="runs/train",
+                    help="Where model/, train_state.pt and log.jsonl go.")
+parser.add_argument("--save_every", type=cli.count, default=0,
+                    help="Write a checkpoint every N steps (0: only at the end).")
+parser.add_argument("--log_every", type=cli.positive, default=1,
+                    help="Print a log line every N steps.")
+parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"],
+                    help="Continue --out_dir's checkpoint exactly (auto: only if there is one).")
 
-# ---------------------------------------------------------------------------------------------------- data
+# --resume: the flags that define a run must be those it started with, or it would go on as another
+# run; the others may change between the start and a resume, and then take effect from the resumed
+# step on.
+MUST_MATCH = ("model", "dataset", "split", "train_data", "mix", "group_size", "query_max_len",
+              "passage_max_len", "mask_false_negatives", "pooling", "query_prefix", "doc_prefix",
+              "attention_dropout", "separate_towers", "temp", "mrl_dims", "distill", "teacher_temp",
+              "batch_size", "lr", "weight_decay", "warmup", "max_grad_norm", "epochs", "max_steps",
+              "seed", "dtype", "eval_dataset", "eval_split", "eval_queries", "eval_metric",
+              "data_hash")
+MAY_CHANGE = ("device", "compile", "loss", "chunk_size", "eval_every", "save_every", "log_every")
+
+def check_flags(args, world):
+    """The checks of flags that need no data: each a one-line error before any work."""
+    if args.batch_size % world:
+        raise cli.InputError(f"--batch_size {args.batch_size} must be divisible by the number of "
+                             f"processes ({world})")
+    if args.mrl_dims and len(set(args.mrl_dims)) < len(args.mrl_dims):
+        raise cli.InputError(f"--mrl_dims {' '.join(map(str, args.mrl_dims))}: a dimension twice")
+    if args.teacher_temp and args.distill != "kl":
+        raise cli.InputError("--teacher_temp applies to --distill kl only")
+
+# --------------------------------------------------------------------------------------------- data
 
 def load_examples(args):
-    """The train examples, every source's after the other, checked against the flags before the model loads ->
-    (examples, each source's count, whether every one has ids). Sets args.group_size where it was left to the data."""
+    """The train examples, every source's after the other, checked against the flags before the
+    model loads -> (examples, each source's count, whether every one has ids). Sets args.group_size
+    where it was left to the data."""
     sources = args.train_data or [args.dataset]
-    parts = ([data.read_train_jsonl(path) for path in args.train_data] if args.train_data else
-             [data.examples_from_qrels(*data.load_dataset(args.dataset, args.split))])
+    if args.train_data:
+        parts = [data.read_train_jsonl(path) for path in args.train_data]
+    else:
+        parts = [data.examples_from_qrels(*data.load_dataset(args.dataset, args.split))]
     examples = [ex for part in parts for ex in part]
     no_negs = sum(not ex["neg"] for ex in examples)
-    args.group_size = args.group_size or (1 if no_negs else 2)
+    if args.group_size is None:
+        args.group_size = 1 if no_negs else 4
     if args.group_size > 1 and no_negs:
-        raise data.InputError(f"{' '.join(sources)}: {no_negs} queries have no negatives but --group_size is "
-                              f"{args.group_size}; mine negatives with mine.py or use --group_size 1")
+        raise cli.InputError(f"{' '.join(sources)}: {no_negs} queries have no negatives but "
+                             f"--group_size is {args.group_size}; mine negatives with mine.py or "
+                             f"use --group_size 1")
+    few = sum(0 < len(ex["neg"]) < args.group_size - 1 for ex in examples)
+    if few:
+        print(f"{few} queries have fewer than {args.group_size - 1} "
+              f"negatives: theirs repeat within a group")
     if args.distill and not all("pos_scores" in ex and "neg_scores" in ex for ex in examples):
-        raise data.InputError("--distill needs pos_scores and neg_scores in every line (score.py writes them)")
+        raise cli.InputError("--distill needs pos_scores and neg_scores "
+                             "in every line (score.py writes them)")
     for source, part in zip(sources, parts):
         if len(part) < args.batch_size:
-            raise data.InputError(f"--batch_size {args.batch_size} is larger than the {len(part)} training queries "
-                                  f"of {source}")
+            raise cli.InputError(f"--batch_size {args.batch_size} is larger than the {len(part)} "
+                                 f"training queries of {source}")
     # a fingerprint of the data: resuming on a changed file would silently continue another run
-    args.data_hash = hashlib.blake2b(json.dumps(examples, sort_keys=True).encode(), digest_size=8).hexdigest()
-    return examples, [len(part) for part in parts], all("pos_ids" in ex and ("neg_ids" in ex or not ex["neg"])
-                                                         for ex in examples)
+    text = json.dumps(examples, sort_keys=True).encode()
+    args.data_hash = hashlib.blake2b(text, digest_size=8).hexdigest()
+    use_ids = all("pos_ids" in ex and ("neg_ids" in ex or not ex["neg"]) for ex in examples)
+    return examples, [len(part) for part in parts], use_ids
 
-def batches(model, examples, sizes, use_ids, args, steps, rank, world):
-    """The batch of each step as a dict, made from (seed, epoch, step) alone (data.batch_plan), so that a resumed
-    run sees the same batches; made one step ahead in a background thread. This rank's queries (b,) and documents
-    (b*G,) tokenised, laid out per query [p_0, n_0,1 .. n_0,G-1, p_1, ...]; the keys of the global batch's
-    documents (B*G,) and of this rank's queries' positives (b, P), for the false-negative mask; teacher scores
-    (b, G); the source (file) it came from."""
-    plan = functools.lru_cache(1)(lambda epoch: data.batch_plan(sizes, args.batch_size, args.seed, epoch,
-                                                                args.mix == "uniform"))
-    b, sources, steps_per_epoch = args.batch_size // world, args.train_data or [args.dataset], len(plan(0))
+# --------------------------------------------------------------------------------------------- loss
 
-    def make(step):
-        epoch, i = divmod(step, steps_per_epoch)
-        (source, batch), (queries, docs, d_keys, pos_keys, teacher) = plan(epoch)[i], ([], [], [], [], [])
-        for n, e in enumerate(batch):
-            ex = examples[e]
-            p, negs = data.sample_group(ex, args.group_size, args.seed, epoch, e)
-            pk, nk = data.doc_keys(ex, "pos", use_ids), data.doc_keys(ex, "neg", use_ids)
-            d_keys += [pk[p]] + [nk[j] for j in negs]
-            if n // b == rank:  # this rank's share of the global batch
-                queries.append(ex.get("prompt", "") + ex["query"])
-                docs += [ex["pos"][p]] + [ex["neg"][j] for j in negs]
-                pos_keys.append(pk)
-                if args.distill:
-                    teacher.append([ex["pos_scores"][p]] + [ex["neg_scores"][j] for j in negs])
-        width = max(map(len, pos_keys))
-        return {"step": step, "epoch": epoch, "source": sources[source], "offset": rank * b,
-                "q": model.tokenize(queries, "query"), "d": model.tokenize(docs, "doc"), "d_keys": torch.tensor(d_keys),
-                "q_pos_keys": torch.tensor([k + [-1] * (width - len(k)) for k in pos_keys]),  # -1 pads
-                "teacher": torch.tensor(teacher) if args.distill else None}
-    return data.background(make(step) for step in steps)
-
-# ---------------------------------------------------------------------------------------------------- loss
+def prefix(x, dim, normalize):
+    """The first dim dimensions of each embedding, re-normalised when the model normalises
+    (Matryoshka)."""
+    x = x[:, :dim]
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=-1)
+    return x
 
 def compute_loss(q, d, batch, args):
-    """The loss of this rank's queries q (b, D) and their documents d (b*G, D): the place to try another loss.
-    InfoNCE against the documents of all ranks (loss.py's convention: scaled so that the sum over ranks is the
-    mean over the global batch), plus distillation within each group."""
-    device, world = q.device, dist.get_world_size() if dist.is_initialized() else 1
-    keys = (batch["d_keys"].to(device), batch["q_pos_keys"].to(device)) if args.mask_false_negatives else ()
-    big = q.shape[0] * world * d.shape[0] * world > 2 ** 24 and q.is_cuda  # the (B, N) logits over 16M entries
-    info_nce_fn = fused_info_nce if args.loss == "fused" or (args.loss == "auto" and big) else info_nce
-    loss = info_nce_fn(q, gather(d), args.temp, args.group_size, batch["offset"], *keys)  # d gathered: (W*b*G, D)
-    teacher = batch["teacher"].to(device) if args.distill else None  # within each query's group: nothing gathered
+    """The loss of this rank's queries q (b, D) and their documents d (b * G, D): the place to try
+    another loss. InfoNCE against the documents of every rank, over the whole embedding, or with
+    --mrl_dims summed over those prefixes of it; plus, with --distill, the teacher's ranking within
+    each query's group. Each term is a mean over this rank's queries (loss.py's convention for many
+    processes)."""
+    d_all = gather(d)  # (W * b * G, D): every rank's documents are negatives of every query
+    keys = ()
+    if args.mask_false_negatives:
+        keys = (batch["d_keys"].to(q.device), batch["q_pos_keys"].to(q.device))
+    contrastive = info_nce
+    big = q.is_cuda and len(q) * len(d_all) > 2 ** 24  # this rank's logits: more than 16M entries
+    if args.loss == "fused" or (args.loss == "auto" and big):
+        contrastive = fused_info_nce
+    loss = 0.0
+    for dim in args.mrl_dims or [None]:  # None: the whole embedding
+        q_dim = q if dim is None else prefix(q, dim, args.normalize)
+        d_dim = d_all if dim is None else prefix(d_all, dim, args.normalize)
+        loss = loss + contrastive(q_dim, d_dim, args.temp, args.group_size, batch["offset"], *keys)
     if args.distill == "kl":
-        loss = loss + distill_kl(q, d, teacher, args.temp, args.teacher_temp or args.temp, args.group_size)
+        teacher_temp = args.teacher_temp or args.temp
+        loss = loss + distill_kl(q, d, batch["teacher"].to(q.device), args.temp, teacher_temp,
+                                 args.group_size)
     elif args.distill == "margin_mse":
-        loss = loss + margin_mse(q, d, teacher, args.group_size)
-    return loss / world
+        loss = loss + margin_mse(q, d, batch["teacher"].to(q.device), args.group_size)
+    return loss
 
-# ---------------------------------------------------------------------------------------------------- one step
+# ----------------------------------------------------------------------------------------- one step
 
 def rng_state(device):
     """The generators dropout draws from: the CPU's, and the GPU's when training on one."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
 
 def set_rng_state(state, device):
     torch.set_rng_state(state[0])
@@ -169,12 +257,18 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 def embed(model, tokens, kind, chunk_size, ctx, device):
-    """Pass 1 of gradient caching: embed all texts chunk by chunk without autograd -> (embeddings in batch order,
-    and what pass 2 needs: the chunks, their order, and the RNG state each chunk started from)."""
-    mask = tokens["attention_mask"]  # (B, L): chunks of similar lengths, each trimmed to its own longest text
+    """Pass 1 of gradient caching: embed all texts chunk by chunk without autograd -> (the
+    embeddings in batch order, and what pass 2 needs: the chunks, their order, and the RNG state
+    each chunk started from)."""
+    # (B, L): chunks of similar lengths, each trimmed to its longest text
+    mask = tokens["attention_mask"]
     order = torch.argsort(mask.sum(1), descending=True, stable=True)
-    chunks = [{k: v[idx][:, mask[idx].any(0)] for k, v in tokens.items()} for idx in order.split(chunk_size)]
-    states, parts = [], []
+    chunks = []
+    for idx in order.split(chunk_size):
+        keep = mask[idx].any(0)  # the columns that are not padding in every text of the chunk
+        chunks.append({k: v[idx][:, keep] for k, v in tokens.items()})
+    states = []
+    parts = []
     with torch.no_grad():
         for chunk in chunks:
             states.append(rng_state(device))
@@ -185,12 +279,13 @@ def embed(model, tokens, kind, chunk_size, ctx, device):
     return emb, (chunks, order, states)
 
 def replay(model, kind, cache, emb, grad, ctx, device):
-    """Pass 2: re-embed each chunk with autograd under the RNG state it had in pass 1 (so dropout draws the same
-    masks) and backpropagate its slice of the cached embedding gradient. Returns the largest difference between
-    the pass-1 and pass-2 embeddings (0 when the replay is exact)."""
+    """Pass 2: re-embed each chunk with autograd under the RNG state it had in pass 1 (so dropout
+    draws the same masks) and backpropagate its slice of the cached embedding gradient. -> the
+    largest difference between the pass-1 and pass-2 embeddings (0 when the replay is exact)."""
     chunks, order, states = cache
     err = torch.zeros((), device=device)
-    for chunk, idx, state in zip(chunks, order.to(device).split(len(chunks[0]["input_ids"])), states):
+    chunk_rows = order.to(device).split(len(chunks[0]["input_ids"]))
+    for chunk, idx, state in zip(chunks, chunk_rows, states):
         set_rng_state(state, device)
         with ctx:
             e = model(chunk, kind)
@@ -199,67 +294,96 @@ def replay(model, kind, cache, emb, grad, ctx, device):
     return err
 
 def train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device):
-    """Forward and backward of one batch; parameter gradients accumulate in .grad. -> (loss, q, d, replay_err)."""
+    """Forward and backward of one batch; the parameters' gradients accumulate in .grad.
+    -> (loss, q, d, replay_err)."""
     if chunk_size == 0:  # plain autograd through the whole batch: memory grows with the batch
         with ctx:
-            q, d = model(batch["q"], "query"), model(batch["d"], "doc")
+            q = model(batch["q"], "query")
+            d = model(batch["d"], "doc")
         loss = loss_fn(q, d)
         scaler.scale(loss).backward()
         return loss.detach(), q.detach(), d.detach(), 0.0
     # Gradient caching. The loss depends on the parameters θ only through the embeddings e, so
     #   dL/dθ = sum over chunks c of (dL/de_c) · (de_c/dθ).
-    # Pass 1 computes every e without a graph; the loss and its backward give dL/de for the whole batch (cheap:
-    # B x N dot products); pass 2 recomputes each chunk's graph, one chunk at a time, and backpropagates dL/de_c.
-    # Exact as long as pass 2 recomputes the same e: same chunks, same autocast, same dropout masks (RNG replay).
+    # Pass 1 computes every e without a graph; the loss and its backward give dL/de for the whole
+    # batch (cheap: B x N dot products); pass 2 recomputes each chunk's graph, one chunk at a time,
+    # and backpropagates dL/de_c. Exact as long as pass 2 recomputes the same e: same chunks, same
+    # autocast, same dropout masks (RNG replay).
     q1, q_cache = embed(model, batch["q"], "query", chunk_size, ctx, device)
     d1, d_cache = embed(model, batch["d"], "doc", chunk_size, ctx, device)
     after_pass1 = rng_state(device)
-    q, d = q1.requires_grad_(), d1.requires_grad_()  # leaves: backward stops here
+    q = q1.requires_grad_()  # leaves: the loss's backward stops here, at dL/de
+    d = d1.requires_grad_()
     loss = loss_fn(q, d)
     scaler.scale(loss).backward()
-    err = torch.maximum(replay(model, "query", q_cache, q1, q.grad, ctx, device),
-                        replay(model, "doc", d_cache, d1, d.grad, ctx, device))
-    set_rng_state(after_pass1, device)  # the next step's dropout continues from where pass 1 left it
-    return loss.detach(), q.detach(), d.detach(), err.item()
+    q_err = replay(model, "query", q_cache, q1, q.grad, ctx, device)
+    d_err = replay(model, "doc", d_cache, d1, d.grad, ctx, device)
+    set_rng_state(after_pass1, device)  # the next step's dropout goes on from where pass 1 left it
+    return loss.detach(), q.detach(), d.detach(), torch.maximum(q_err, d_err).item()
 
 def auto_chunk(model, device):
-    """Texts a forward pass when --chunk_size is not given: 32 on a CPU; on a GPU a budget of activations, 256
-    texts for BERT-base at 256 tokens, fewer for a wider, deeper model or longer documents."""
+    """Texts a forward pass when --chunk_size is not given: 32 on a CPU; on a GPU a budget of
+    activations, 256 texts for BERT-base at 256 tokens, fewer for a wider, deeper model or longer
+    documents."""
+    if device.type == "cpu":
+        return 32
     c = model.encoder.config
-    return 32 if device.type == "cpu" else max(1, 256 * 256 * 768 * 12 // (
-        model.settings["passage_max_len"] * c.hidden_size * c.num_hidden_layers))
+    budget = 256 * 256 * 768 * 12  # texts x tokens x width x layers of BERT-base's 256 texts
+    return max(1, budget // (model.settings["passage_max_len"] * c.hidden_size
+                             * c.num_hidden_layers))
 
-def all_reduce_grads(params):
-    """Sum parameter gradients over ranks, once a step after the last chunk: every all-reduce started at once
-    (asynchronously, on each gradient in place: no copy), then waited for."""
-    for work in [dist.all_reduce(p.grad, async_op=True) for p in params if p.grad is not None]:
+def all_reduce_grads(params, world):
+    """Average the parameters' gradients over ranks, once a step after the last chunk (loss.py's
+    convention): every all-reduce started at once (asynchronously, in place: no copy), then waited
+    for."""
+    grads = [p.grad for p in params if p.grad is not None]
+    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
         work.wait()
+    for g in grads:
+        g.div_(world)
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
+def mean_over_ranks(values, device, world):
+    """The mean over ranks of a few numbers (this rank's loss and accuracy), for the log."""
+    values = torch.tensor(values, device=device)
+    if world > 1:
+        dist.all_reduce(values)
+    return (values / world).tolist()
+
+def any_rank(flag, device, world):
+    """Whether flag is true on any rank (a signal reached one of them): so that all stop after the
+    same step."""
+    flag = torch.tensor(float(flag), device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+# ---------------------------------------------------------------------------------------- optimiser
+
+def lr_factor(step, warmup, total):
+    """The learning rate of a step, as a share of --lr: 1) linear warmup from 0 over the warmup
+    steps, 2) then linear decay to 0 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 def make_optimizer(model, args, total_steps, device):
-    """AdamW (no weight decay on biases and LayerNorms, as the HF Trainer), linear warmup then linear decay."""
+    """AdamW (no weight decay on biases and LayerNorms, as the Hugging Face Trainer) and its
+    schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2],
-                                                              "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    groups = [{"params": [p for p in params if p.ndim >= 2]},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
     warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
-    schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+    schedule = functools.partial(lr_factor, warmup=warmup, total=total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-def swap_in(tmp, final):
-    """Replace the folder final by the folder tmp (written beside it); a kill between the two renames leaves
-    final.old, which data.claim puts back."""
-    old = final + ".old"
-    if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+# -------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, rank, world):
-    """out_dir/model/ (for inference) and out_dir/train_state.pt (for resume: with every rank's RNG state, so that
-    a resumed run draws the dropout masks this one would have), each replaced atomically."""
+    """out_dir/model/ (for inference) and out_dir/train_state.pt (for resume, with every rank's RNG
+    state, so that a resumed run draws the dropout masks this one would have), each replaced
+    atomically."""
     rngs = [rng_state(device)]
     if world > 1:
         rngs = [None] * world
@@ -268,47 +392,56 @@ def save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, ran
         final = os.path.join(args.out_dir, "model")
         shutil.rmtree(final + ".tmp", ignore_errors=True)
         model.save(final + ".tmp")
-        swap_in(final + ".tmp", final)
-        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rngs,
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "args": vars(args)}
-        data.atomic_write(os.path.join(args.out_dir, "train_state.pt"), lambda f: torch.save(state, f), mode="wb")
+        cli.swap_in(final + ".tmp", final)
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                 "args": vars(args)}
+        path = os.path.join(args.out_dir, "train_state.pt")
+        cli.atomic_write(path, lambda f: torch.save(state, f), mode="wb")
     if world > 1:
         dist.barrier()  # the others wait here, not inside the next step's collectives
 
 def load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, world):
-    """Restore out_dir/train_state.pt -> the number of steps it was saved after (0 without one and --resume
-    auto). The log keeps the lines up to that step: later ones are redone."""
-    path, log_path = (os.path.join(args.out_dir, n) for n in ("train_state.pt", "log.jsonl"))
+    """Restore out_dir/train_state.pt -> the number of steps it was saved after (0 without one and
+    --resume auto). The log keeps its lines up to that step: the later ones are redone."""
+    path = os.path.join(args.out_dir, "train_state.pt")
     if not os.path.isfile(path):
         if args.resume == "last":
-            raise data.InputError(f"--resume: no checkpoint {path} (use --resume auto to start fresh)")
+            raise cli.InputError(f"--resume: no checkpoint {path} "
+                                 f"(use --resume auto to start fresh)")
         return 0
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise data.InputError(f"{path}: cannot read it ({type(e).__name__}); use another --out_dir") from None
-    for name in ("model", "batch_size", "seed", "group_size", "train_data", "mix", "dataset",
-                 "epochs", "data_hash", "eval_dataset", "eval_split", "eval_queries", "eval_metric"):
-        if state["args"].get(name) != vars(args)[name]:  # another model, or a data position meaning another thing
-            what = ("other data" if name == "data_hash" else
-                    f"--{name} {state['args'].get(name)}, not {vars(args)[name]}")  # .get: older checkpoints lack some
-            raise data.InputError(f"{path}: it was trained with {what}; use another --out_dir, or the same flags")
+        raise cli.InputError(f"{path}: cannot read it ({type(e).__name__}); "
+                             f"use another --out_dir") from None
+    for name in MUST_MATCH:
+        before = state["args"].get(name)  # .get: older checkpoints lack newer flags
+        if before != vars(args)[name]:
+            what = ("other data" if name == "data_hash"
+                    else f"--{name} {before}, not {vars(args)[name]}")
+            raise cli.InputError(f"{path}: it was trained with {what}; use another --out_dir, or "
+                                 f"the same flags (only {', '.join('--' + n for n in MAY_CHANGE)} "
+                                 f"may change)")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    if len(state["rng"]) == world:  # else (another number of processes) dropout goes on from this run's seed
+    # else (another number of processes) dropout goes on from this run's seed
+    if len(state["rng"]) == world:
         set_rng_state(state["rng"][rank], device)
-    if rank == 0 and os.path.isfile(log_path):  # a kill may have cut the last line short
-        with open(log_path) as f:
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
-        data.atomic_write(log_path, lambda f: f.writelines(rows))
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if rank == 0 and os.path.isfile(log_path):
+        with open(log_path) as f:  # a kill may have cut the last line short
+            rows = [line for line in f
+                    if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
+        cli.atomic_write(log_path, lambda f: f.writelines(rows))
         print(f"resumed {path} after step {state['step']}")
     return state["step"]
 
 def plot_log(log_path, png, metric):
-    """Training curves from log.jsonl: loss, in-batch accuracy and learning rate against the step, and the
-    evaluation metric when there is one."""
+    """Training curves from log.jsonl: loss, in-batch accuracy and learning rate against the step,
+    and the evaluation metric when there is one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -316,158 +449,233 @@ def plot_log(log_path, png, metric):
         rows = [json.loads(line) for line in f]
     curves = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("loss", "acc", "lr")}
     evals = [(r["step"], r["eval"][metric]) for r in rows if "eval" in r]
-    curves.update({f"eval {metric}": evals} if evals else {})
+    if evals:
+        curves[f"eval {metric}"] = evals
     fig, axes = plt.subplots(1, len(curves), figsize=(4.4 * len(curves), 3.5))
     for ax, (key, points) in zip(axes, curves.items()):
-        ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None)
-        ax.set(xlabel="step", title={"acc": "in-batch accuracy"}.get(key, key))
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if key.startswith("eval") else None)
+        ax.set(xlabel="step", title="in-batch accuracy" if key == "acc" else key)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    data.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    cli.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)
 
-# ---------------------------------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------------------- evaluation
 
 def load_eval_set(args):
-    """(corpus, queries, qrels) to evaluate on while training, or None: --eval_dataset, else the dev split beside
-    the --dataset whose qrels are the train data (an ir_datasets id such as beir/nfcorpus/train), if it has one."""
+    """(corpus, queries, qrels) to evaluate on while training, or None: --eval_dataset, else the dev
+    split beside the --dataset whose qrels are the train data (an ir_datasets id such as
+    beir/nfcorpus/train), if it has one."""
     ref = args.eval_dataset
     if ref is None and not args.train_data and not os.path.isdir(args.dataset):
         import ir_datasets
         dev = args.dataset.rsplit("/", 1)[0] + "/dev"
-        ref = dev if dev in ir_datasets.registry and dev != args.dataset else None
+        if dev in ir_datasets.registry and dev != args.dataset:
+            ref = dev
     if ref in (None, "none"):
         return None
-    if args.eval_metric not in retrieval.evaluate_run({"q": {"d": 1.0}}, {"q": {"d": 1}})[0]:  # the measures' names
-        raise data.InputError(f"--eval_metric {args.eval_metric}: not a measure; e.g. ndcg@10, recall@100, map")
+    measures = retrieval.evaluate_run({"q": {"d": 1.0}}, {"q": {"d": 1}})[0]  # every measure's name
+    if args.eval_metric not in measures:
+        raise cli.InputError(f"--eval_metric {args.eval_metric}: not a measure; "
+                             f"e.g. ndcg@10, recall@100, map")
     corpus, queries, qrels = data.load_dataset(ref, args.eval_split)
-    qrels = {q: qrels[q] for q in data.read_ids(args.eval_queries, qrels)} if args.eval_queries else qrels
+    if args.eval_queries:
+        qrels = {qid: qrels[qid] for qid in data.read_ids(args.eval_queries, qrels)}
     if not qrels:
-        raise data.InputError(f"--eval_dataset {ref}: no qrels to evaluate against")
+        raise cli.InputError(f"--eval_dataset {ref}: no qrels to evaluate against")
     return corpus, queries, qrels
 
 def evaluate(model, eval_set, step, args, dtype, log, rank, world):
-    """Rank 0 saves the model to out_dir/best.tmp and scores it exactly as evaluate.py --model would (loaded from
-    those files, weights in dtype; exact search, pytrec_eval), logs it, and keeps it as out_dir/best/ (with
-    best/eval.json: its step and value; the best so far survives a resume) if it beats the best so far. The
-    model being trained is not touched (nor its RNG); the other ranks wait."""
+    """Rank 0 saves the model to out_dir/best.tmp and scores it exactly as evaluate.py --model would
+    (loaded from those files, weights in dtype; exact search, pytrec_eval), logs it, and keeps it as
+    out_dir/best/ (with best/eval.json: its step and value; the best so far survives a resume) if it
+    beats the best so far. The model being trained is not touched, nor its RNG; the other ranks
+    wait."""
     if rank == 0:
-        best, tmp = os.path.join(args.out_dir, "best"), os.path.join(args.out_dir, "best.tmp")
+        best = os.path.join(args.out_dir, "best")
+        tmp = os.path.join(args.out_dir, "best.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save(tmp)
-        means = retrieval.evaluate_model(for_inference(tmp, next(model.parameters()).device, dtype), *eval_set)[1]
+        candidate = for_inference(tmp, next(model.parameters()).device, dtype)
+        means = retrieval.evaluate_model(candidate, *eval_set)[1]
         log.write(json.dumps({"step": step, "eval": means}) + "\n")
         log.flush()
-        value, before = means[args.eval_metric], -math.inf
+        value = means[args.eval_metric]
+        before = -math.inf
         if os.path.isfile(os.path.join(best, "eval.json")):
             before = data.read_json(os.path.join(best, "eval.json"))[args.eval_metric]
         if value > before:
-            data.write_json(os.path.join(tmp, "eval.json"), {"step": step, args.eval_metric: value})
-            swap_in(tmp, best)
+            cli.write_json(os.path.join(tmp, "eval.json"), {"step": step, args.eval_metric: value})
+            cli.swap_in(tmp, best)
         shutil.rmtree(tmp, ignore_errors=True)
-        tqdm.write(f"eval step {step} | {args.eval_metric} {value:.4f} | best {max(value, before):.4f}")
+        tqdm.write(f"eval step {step} | {args.eval_metric} {value:.4f} | "
+                   f"best {max(value, before):.4f}")
     if world > 1:
         dist.barrier()
 
-# ---------------------------------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------------------------- main
 
-def main(args):
-    device, rank, world = setup(args.device)
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    say = print if rank == 0 else (lambda *a, **k: None)
-    if args.batch_size % world:
-        raise data.InputError(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
-    lock = data.claim(args.out_dir) if rank == 0 else None  # noqa: F841 (held until the process ends)
-    examples, sizes, use_ids = load_examples(args)
-    eval_set = load_eval_set(args)
-    steps_per_epoch = len(data.batch_plan(sizes, args.batch_size, args.seed, 0, args.mix == "uniform"))
-    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-
-    # model and optimiser
-    torch.manual_seed(args.seed + rank)  # dropout differs between ranks, as it would across one big batch
+def load_model(args, device, world):
+    """The bi-encoder to train: --model with the flags' settings, on the device, in train mode
+    (dropout on, as in pretraining), its weights equal on every rank."""
     model = BiEncoder(args.model, attention_dropout=args.attention_dropout, pooling=args.pooling,
-                      query_prefix=args.query_prefix, doc_prefix=args.doc_prefix, query_max_len=args.query_max_len,
-                      passage_max_len=args.passage_max_len).to(device).train()  # dropout on, as in pretraining
+                      query_prefix=args.query_prefix, doc_prefix=args.doc_prefix,
+                      query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
+                      separate_towers=args.separate_towers or None).to(device).train()
+    if max(args.mrl_dims or [0]) > model.dim:
+        raise cli.InputError(f"--mrl_dims {max(args.mrl_dims)}: the model's embeddings have "
+                             f"{model.dim} dimensions")
+    # the Matryoshka prefixes are re-normalised like the whole
+    args.normalize = model.settings["normalize"]
     if world > 1:  # a weight initialised at load (a new head) must start equal on every rank
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, 0)
+    # compiled dropout must draw eager's random numbers, or pass 2 would not replay pass 1
+    if args.compile:
+        torch._inductor.config.fallback_random = True
+        for tower in (model.encoder, model.query_encoder):
+            if tower is not None:
+                tower.compile(dynamic=True)  # in place: the state dict keeps its names
+    return model
+
+def log_row(batch, loss, acc, lr, grad_norm, replay_err, seconds, args, device, world):
+    """One step's line of log.jsonl."""
+    tokens = int(batch["q"]["attention_mask"].sum() + batch["d"]["attention_mask"].sum()) * world
+    if device.type == "cuda":
+        mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    else:  # peak resident memory of the process
+        mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return {"step": batch["step"] + 1, "epoch": batch["epoch"], "source": batch["source"],
+            "loss": loss, "acc": acc, "lr": lr, "grad_norm": grad_norm, "replay_err": replay_err,
+            "q_per_s": args.batch_size / seconds, "tokens_per_s": tokens / seconds,
+            "seconds": seconds, "mem_gb": mem_gb}
+
+def write_log(log, row, bar, log_every, total_steps):
+    """Rank 0: the step's line in log.jsonl, and every log_every steps (and at the last) on the
+    screen: step | loss | in-batch accuracy | learning rate | queries/s | tokens/s | peak memory."""
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    bar.update(1)
+    step = row["step"]
+    if step % log_every == 0 or step == total_steps:
+        tqdm.write(f"step {step}/{total_steps} | loss {row['loss']:.4f} | acc {row['acc']:.3f} | "
+                   f"lr {row['lr']:.2e} | {row['q_per_s']:.1f} q/s | "
+                   f"{row['tokens_per_s']:.0f} tok/s | mem {row['mem_gb']:.2f} GB")
+
+def check_finite(loss, step):
+    if not math.isfinite(loss):
+        raise cli.InputError(f"step {step}: loss is {loss}. Try a lower --lr, --dtype bf16 or "
+                             f"fp32 instead of fp16, a larger --temp, or check the data; the "
+                             f"last good checkpoint is kept.")
+
+def watch_signals():
+    """SIGTERM or SIGINT (Ctrl-C) no longer stop the process at once: the dict returned notes the
+    signal, and the loop saves a checkpoint and exits after the step it is in."""
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+def main(args):
+    device, rank, world = cli.setup_device(args.device)
+    check_flags(args, world)
+    dtype = cli.default_dtype(args.dtype, device)
+    # held until the process ends
+    lock = cli.claim(args.out_dir) if rank == 0 else None  # noqa: F841
+    examples, sizes, use_ids = load_examples(args)
+    eval_set = load_eval_set(args)
+    steps_per_epoch = len(sampler.batch_plan(sizes, args.batch_size, args.seed, 0,
+                                             args.mix == "uniform"))
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+
+    # the model, its optimiser and precision
+    # dropout differs between ranks, as it would across one big batch
+    torch.manual_seed(args.seed + rank)
+    model = load_model(args, device, world)
     chunk_size = args.chunk_size if args.chunk_size is not None else auto_chunk(model, device)
     optimizer, scheduler = make_optimizer(model, args, total_steps, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")  # fp16 gradients underflow without it
-    ctx = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")  # weights stay float32
-    if args.compile:  # compiled dropout must draw eager's random numbers, or pass 2 would not replay pass 1
-        torch._inductor.config.fallback_random = True
-        model.encoder.compile(dynamic=True)  # in place: the state dict keeps its names
-    start = load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, world) if args.resume else 0
+    # fp16 gradients underflow without a scaler
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+    # the arithmetic in dtype (autocast), the weights and the optimiser's state stay float32
+    ctx = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+    start = (load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, world)
+             if args.resume else 0)
     if rank == 0 and not start:  # a fresh run: an earlier run's best model is not this one's
         shutil.rmtree(os.path.join(args.out_dir, "best"), ignore_errors=True)
 
-    say(f"{len(examples)} queries | group {args.group_size} | batch {args.batch_size} over {world} process(es) | "
-        f"{args.batch_size * args.group_size - 1} negatives a query | chunk {chunk_size or 'off'} | {dtype} on "
-        f"{device} | steps {start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
-    stop = {"signal": None}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, f: stop.update(signal=s))
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    log = open(log_path, "a" if start else "w") if rank == 0 else None  # a fresh run starts a fresh log
+    if rank == 0:
+        print(f"{len(examples)} queries | group {args.group_size} | batch {args.batch_size} over "
+              f"{world} process(es) | {args.batch_size * args.group_size - 1} negatives a query | "
+              f"chunk {chunk_size or 'off'} | {dtype} on {device} | steps "
+              f"{start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
+    stop = watch_signals()
+    log = None
+    if rank == 0:  # a fresh run starts a fresh log
+        log = open(os.path.join(args.out_dir, "log.jsonl"), "a" if start else "w")
     if eval_set and not start:
         evaluate(model, eval_set, 0, args, dtype, log, rank, world)
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
-    for batch in batches(model, examples, sizes, use_ids, args, range(start, total_steps), rank, world):
+    steps = range(start, total_steps)
+    for batch in sampler.make_batches(model, examples, sizes, use_ids, args, steps, rank, world):
         t0 = time.time()
-        loss_fn = lambda q, d: compute_loss(q, d, batch, args)
-        try:
-            loss, q, d, replay_err = train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device)
-        except torch.OutOfMemoryError:
-            raise data.InputError(f"out of memory at step {batch['step'] + 1}: lower --chunk_size (now {chunk_size}; "
-                                  f"memory grows with it, not with --batch_size) or --passage_max_len") from None
-        if world > 1:
-            all_reduce_grads(model.parameters())
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")).item()
-        # loss, accuracy and "a signal arrived" summed over ranks (so that all ranks stop after the same step)
-        metrics = torch.tensor([loss.item(), accuracy(q, gather(d), args.group_size, batch["offset"]) / world,
-                                float(stop["signal"] is not None)], device=device)
-        if world > 1:
-            dist.all_reduce(metrics)
-        loss_v, acc, stopping = metrics.tolist()
         step = batch["step"] + 1
-        if not math.isfinite(loss_v):
-            raise data.InputError(f"step {step}: loss is {loss_v}. Try a lower --lr, --dtype bf16 or fp32 instead "
-                                  f"of fp16, a larger --temp, or check the data; the last good checkpoint is kept.")
-        lr = scheduler.get_last_lr()[0]  # the learning rate this step used
+
+        # forward and backward: the gradient of this rank's loss accumulates in .grad
+        loss_fn = functools.partial(compute_loss, batch=batch, args=args)
+        try:
+            loss, q, d, replay_err = train_step(model, batch, loss_fn, chunk_size, ctx, scaler,
+                                                device)
+        except torch.OutOfMemoryError:
+            raise cli.InputError(f"out of memory at step {step}: lower --chunk_size "
+                                 f"(now {chunk_size}; memory grows with it, not "
+                                 f"with --batch_size) or --passage_max_len") from None
+
+        # gradients over ranks: averaged, once a step
+        if world > 1:
+            all_reduce_grads(model.parameters(), world)
+        acc = accuracy(q, gather(d), args.group_size, batch["offset"])
+        loss, acc = mean_over_ranks([loss.item(), acc], device, world)
+        check_finite(loss, step)
+
+        # clip and step
+        scaler.unscale_(optimizer)
+        max_norm = args.max_grad_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        lr = scheduler.get_last_lr()[0]  # the learning rate this step uses
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        seconds = time.time() - t0
-        tokens = int(batch["q"]["attention_mask"].sum() + batch["d"]["attention_mask"].sum()) * world
-        row = {"step": step, "epoch": batch["epoch"], "source": batch["source"], "loss": loss_v, "acc": acc, "lr": lr,
-               "grad_norm": grad_norm, "replay_err": replay_err, "q_per_s": args.batch_size / seconds,
-               "tokens_per_s": tokens / seconds, "seconds": seconds, "mem_gb": torch.cuda.max_memory_allocated(device)
-               / 1e9 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+        # log
+        row = log_row(batch, loss, acc, lr, grad_norm, replay_err, time.time() - t0, args, device,
+                      world)
         if rank == 0:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.update(1)
-            if step % args.log_every == 0 or step == total_steps:
-                tqdm.write(f"step {step}/{total_steps} | loss {loss_v:.4f} | acc {acc:.3f} | lr {lr:.2e} | "
-                           f"{row['q_per_s']:.1f} q/s | {row['tokens_per_s']:.0f} tok/s | mem {row['mem_gb']:.2f} GB")
+            write_log(log, row, bar, args.log_every, total_steps)
+
+        # evaluate, and save
         if eval_set and (step == total_steps or (args.eval_every and step % args.eval_every == 0)):
             evaluate(model, eval_set, step, args, dtype, log, rank, world)
-        if (args.save_every and step % args.save_every == 0) or step == total_steps or stopping:
+        stopping = any_rank(stop["signal"] is not None, device, world)
+        if step == total_steps or stopping or (args.save_every and step % args.save_every == 0):
             save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, rank, world)
         if stopping:
-            say(f"\nstopped by a signal after step {step}; checkpoint in {args.out_dir} (continue with --resume)")
+            if rank == 0:
+                print(f"\nstopped by a signal after step {step}; checkpoint in {args.out_dir} "
+                      f"(continue with --resume)")
             break
     bar.close()
     if rank == 0:
         log.close()
-        plot_log(log_path, os.path.join(args.out_dir, "train.png"), args.eval_metric)
-        say(f"saved {os.path.join(args.out_dir, 'model')} and train.png")
+        plot_log(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "train.png"),
+                 args.eval_metric)
+        print(f"saved {os.path.join(args.out_dir, 'model')} and train.png")
     if world > 1:
         dist.destroy_process_group()
 
 if __name__ == "__main__":
-    data.run(main, parser)
+    cli.run(main, parser)

@@ -14,8 +14,9 @@ mkdir -p "$RUN"
 # NFCorpus's train qrels as a train file (one line a query, its relevant documents as positives)
 [ -f "$OUT/nfcorpus_train.jsonl" ] || $PYTHON - "$OUT/nfcorpus_train.jsonl" <<'PY'
 import sys
+import cli
 import data
-data.write_jsonl(sys.argv[1], data.examples_from_qrels(*data.load_dataset("beir/nfcorpus/train")))
+cli.write_jsonl(sys.argv[1], data.examples_from_qrels(*data.load_dataset("beir/nfcorpus/train")))
 PY
 
 # SciFact: the 709 train queries of experiments/scifact.sh (its dev queries held out); group 1: negatives unused

@@ -23,12 +23,13 @@ mkdir -p "$RUN"
 # 1. dev split: 100 of the 809 train queries, fixed by seed 0; training never sees them
 $PYTHON - "$OUT" <<'PY'
 import random, sys
+import cli
 import data
 _, _, qrels = data.load_dataset("beir/scifact/train")
 ids = sorted(qrels)
 dev = set(random.Random(0).sample(ids, 100))
 for name, part in (("dev", sorted(dev)), ("train", [q for q in ids if q not in dev])):
-    data.atomic_write(f"{sys.argv[1]}/{name}.ids", lambda f: f.writelines(q + "\n" for q in part))
+    cli.atomic_write(f"{sys.argv[1]}/{name}.ids", lambda f: f.writelines(q + "\n" for q in part))
 PY
 
 # test: fp32 embeddings, kept for later comparisons

@@ -1,7 +1,8 @@
-"""The quality table over seeds: each argument is one row, a glob of evaluate.py --out folders (one a seed); a row
-gets the mean and standard deviation over its seeds, and a paired t-test of its per-query mean over seeds against
-the first row and against the row above it.
-    python experiments/seeds.py runs/scifact/zeroshot/test 'runs/scifact/g4_*_lr1e-4_*_s[012]/test' ..."""
+"""The quality table over seeds: each argument is one row, a glob of evaluate.py --out folders (one
+a seed); a row gets the mean and standard deviation over its seeds, and a paired t-test of its
+per-query mean over seeds against the first row and against the row above it.
+    python experiments/seeds.py runs/scifact/zeroshot/test 'runs/scifact/g4_*_lr1e-4_*_s[012]/test'
+"""
 import glob, json, os, sys
 import numpy as np
 from scipy.stats import ttest_rel
@@ -15,13 +16,15 @@ def load(pattern):
     runs = [json.load(open(os.path.join(f, "metrics.json")))["per_query"] for f in folders]
     queries = sorted(set.intersection(*(set(r) for r in runs)))
     # per measure: (seeds, queries)
-    return folders, {m: np.array([[r[q][m] for q in queries] for r in runs]) for m in MEASURES}, queries
+    scores = {m: np.array([[r[q][m] for q in queries] for r in runs]) for m in MEASURES}
+    return folders, scores, queries
 
 def p_value(a, b):
     return ttest_rel(a, b).pvalue if np.any(a != b) else 1.0
 
 rows = [load(p) for p in sys.argv[1:]]
-print("| row | seeds | " + " | ".join(f"{m} mean ± std" for m in MEASURES) + " | nDCG@10 p vs first | vs above |")
+columns = " | ".join(f"{m} mean ± std" for m in MEASURES)
+print(f"| row | seeds | {columns} | nDCG@10 p vs first | vs above |")
 print("|---|---|" + "---|" * (len(MEASURES) + 2))
 for i, (folders, scores, queries) in enumerate(rows):
     cells = []
@@ -35,5 +38,6 @@ for i, (folders, scores, queries) in enumerate(rows):
         if i == 0 or other_queries != queries:
             ps.append("" if i == 0 else "queries differ")
             continue
-        ps.append(f"{p_value(scores['ndcg@10'].mean(0), other['ndcg@10'].mean(0)):.2g}")
+        p = p_value(scores["ndcg@10"].mean(0), other["ndcg@10"].mean(0))
+        ps.append(f"{p:.2g}")
     print(f"| `{sys.argv[1 + i]}` | {len(folders)} | " + " | ".join(cells + ps) + " |")

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random BERT (with the real MiniLM tokenizer), the real data in ../shared, and an
-offline ir_datasets home."""
+"""Shared fixtures: a tiny random BERT (with the real MiniLM tokenizer), the real data in ../shared,
+and an offline ir_datasets home."""
 import os
 import sys
 
@@ -16,26 +16,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def scifact_subset(folder, n_queries=60, n_docs=500, seed=0, split="test"):
-    """A BEIR folder (split test) with n_queries real SciFact queries of `split`, their positives and random
-    other documents."""
+    """A BEIR folder (split test) with n_queries real SciFact queries of `split`, their positives
+    and random other documents."""
     import random
 
+    import cli
     import data
     corpus, queries, qrels = data.load_dataset(SCIFACT, split)
     qids = sorted(qrels)[:n_queries]
     docs = sorted({d for q in qids for d in qrels[q]})
-    docs += random.Random(seed).sample(sorted(set(corpus) - set(docs)), max(0, n_docs - len(docs)))
+    docs += random.Random(seed).sample(sorted(set(corpus) - set(docs)),
+                                       max(0, n_docs - len(docs)))
     os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
-    data.write_jsonl(os.path.join(folder, "corpus.jsonl"), [{"_id": d, "title": "", "text": corpus[d]} for d in docs])
-    data.write_jsonl(os.path.join(folder, "queries.jsonl"), [{"_id": q, "text": queries[q]} for q in qids])
-    data.atomic_write(os.path.join(folder, "qrels", "test.tsv"), lambda f: f.writelines(
+    cli.write_jsonl(os.path.join(folder, "corpus.jsonl"),
+                    [{"_id": d, "title": "", "text": corpus[d]} for d in docs])
+    cli.write_jsonl(os.path.join(folder, "queries.jsonl"),
+                    [{"_id": q, "text": queries[q]} for q in qids])
+    cli.atomic_write(os.path.join(folder, "qrels", "test.tsv"), lambda f: f.writelines(
         f"{q}\t{d}\t{g}\n" for q in qids for d, g in qrels[q].items()))
     return folder
 
 
 @pytest.fixture(scope="session", autouse=True)
 def ir_datasets_home(tmp_path_factory):
-    """ir_datasets' files in a fresh folder: data.py copies the zips of the data mirror (../shared) there."""
+    """ir_datasets' files in a fresh folder: data.py copies the zips of the data mirror (../shared)
+    there."""
     os.environ.setdefault("IR_DATASETS_HOME", str(tmp_path_factory.mktemp("ir_datasets")))
     return os.environ["IR_DATASETS_HOME"]
 
@@ -47,14 +52,16 @@ def make_tiny_bert(path, dropout=0.1, pooling="mean"):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from data import default_model
+    from cli import default_model
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, max_position_embeddings=128)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout, max_position_embeddings=128)
     BertModel(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(default_model()).save_pretrained(path)
     with open(os.path.join(path, "biencoder.json"), "w") as f:
-        json.dump({"pooling": pooling, "normalize": True, "query_max_len": 32, "passage_max_len": 64}, f)
+        json.dump({"pooling": pooling, "normalize": True, "query_max_len": 32,
+                   "passage_max_len": 64}, f)
     return str(path)
 
 

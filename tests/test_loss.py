@@ -1,12 +1,13 @@
-"""loss.py: the reference InfoNCE against hand-computed values and F.cross_entropy; the fused version against
-the reference (forward and both gradients, float64)."""
+"""loss.py: the reference InfoNCE against hand-computed values and F.cross_entropy; the fused
+version against the reference (forward and both gradients, float64)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import accuracy, false_negatives, fused_info_nce, info_nce, margin_mse
+from fused_loss import false_negative_pairs, fused_info_nce
+from loss import accuracy, false_negative_mask, info_nce, margin_mse
 
 
 def test_hand_computed_two_queries():
@@ -24,17 +25,20 @@ def test_equals_cross_entropy_with_hard_negative_layout():
     torch.manual_seed(0)
     B, G, D = 5, 3, 8
     q, d = torch.randn(B, D), torch.randn(B * G, D)
-    expected = F.cross_entropy(q @ d.T / 0.05, torch.arange(B) * G)  # target of query i is column i*G
+    # target of query i is column i*G
+    expected = F.cross_entropy(q @ d.T / 0.05, torch.arange(B) * G)
     assert info_nce(q, d, 0.05, G).item() == pytest.approx(expected.item(), rel=1e-6)
     # the wrong label (i instead of i*G) gives a different loss: the layout matters
-    assert F.cross_entropy(q @ d.T / 0.05, torch.arange(B)).item() != pytest.approx(expected.item(), rel=1e-3)
+    assert (F.cross_entropy(q @ d.T / 0.05, torch.arange(B)).item()
+            != pytest.approx(expected.item(), rel=1e-3))
 
 
 def test_offset_picks_a_slice_of_the_targets():
     torch.manual_seed(0)
     q, d = torch.randn(6, 4), torch.randn(12, 4)
     full = F.cross_entropy(q @ d.T / 0.1, torch.arange(6) * 2, reduction="none")
-    assert info_nce(q[3:], d, 0.1, 2, offset=3).item() == pytest.approx(full[3:].mean().item(), rel=1e-6)
+    assert (info_nce(q[3:], d, 0.1, 2, offset=3).item()
+            == pytest.approx(full[3:].mean().item(), rel=1e-6))
 
 
 def test_duplicate_positive_is_masked():
@@ -46,14 +50,17 @@ def test_duplicate_positive_is_masked():
     q_pos_keys = torch.tensor([[7, -1], [7, 9]])  # q1's positives: 7 (column 0 and 2) and 9
     temp = 1.0
     masked = info_nce(q, d, temp, 2, d_keys=d_keys, q_pos_keys=q_pos_keys)
-    # q0: columns 0 (target), 1, 3 remain; q1: target column 2 stays, columns 0 is masked (key 7, not target),
-    # column 3 (key 9) masked too
+    # q0: columns 0 (target), 1, 3 remain; q1: target column 2 stays, columns 0 is masked (key 7,
+    # not target), column 3 (key 9) masked too
     s = q @ d.T
     l0 = -torch.log_softmax(s[0, [0, 1, 3]], 0)[0]
     l1 = -torch.log_softmax(s[1, [1, 2]], 0)[1]
     assert masked.item() == pytest.approx(((l0 + l1) / 2).item(), abs=1e-6)
-    rows, cols = false_negatives(d_keys, q_pos_keys, torch.tensor([0, 2]))
-    assert sorted(zip(rows.tolist(), cols.tolist())) == [(0, 2), (1, 0), (1, 3)]
+    expected = [(0, 2), (1, 0), (1, 3)]  # (query, document) pairs left out of the denominators
+    mask = false_negative_mask(d_keys, q_pos_keys, torch.tensor([0, 2]))
+    assert sorted(map(tuple, mask.nonzero().tolist())) == expected
+    rows, cols = false_negative_pairs(d_keys, q_pos_keys, torch.tensor([0, 2]))  # the fused loss's
+    assert sorted(zip(rows.tolist(), cols.tolist())) == expected
 
 
 def test_loss_in_float32_under_bf16_autocast():
@@ -62,8 +69,8 @@ def test_loss_in_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = info_nce(q, d, 0.02, 2)
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(F.cross_entropy(q.float() @ d.float().T / 0.02, torch.arange(4) * 2).item(),
-                                        rel=1e-5)
+    assert loss.item() == pytest.approx(F.cross_entropy(q.float() @ d.float().T / 0.02,
+                                                        torch.arange(4) * 2).item(), rel=1e-5)
 
 
 def test_accuracy():
@@ -100,7 +107,8 @@ def _check_fused(B, G, D, masked, tile, compile=False):
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("masked", [False, True])
 def test_fused_equals_reference(G, masked):
-    _check_fused(B=37, G=G, D=16, masked=masked, tile=(8, 20))  # 37 and 37*G do not divide the tiles
+    # 37 and 37*G do not divide the tiles
+    _check_fused(B=37, G=G, D=16, masked=masked, tile=(8, 20))
 
 
 def test_fused_with_offset_equals_reference():
@@ -127,13 +135,16 @@ def test_distillation_kl_hand_computed():
     p = torch.softmax(torch.tensor([0.9, 0.5]) / t_temp, 0)  # teacher distribution
     s = torch.softmax(torch.tensor([1.0, 0.0]) / temp, 0)  # student distribution
     expected = (p * (p.log() - s.log())).sum()
-    assert distill_kl(q, d, teacher, temp, t_temp, 2).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert (distill_kl(q, d, teacher, temp, t_temp, 2).item()
+            == pytest.approx(expected.item(), abs=1e-6))
 
 
 def test_margin_mse_hand_computed():
-    """MarginMSE: (s(q, p) - s(q, n)) of the student against the teacher's, squared, averaged over all margins."""
+    """MarginMSE: (s(q, p) - s(q, n)) of the student against the teacher's, squared, averaged over
+    all margins."""
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    d = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])  # per query: [positive, negative]
+    # per query: [positive, negative]
+    d = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
     teacher = torch.tensor([[0.9, 0.1], [0.7, 0.6]])
     student_margins = torch.tensor([0.8 - 0.0, 0.0 - 0.8])
     expected = ((student_margins - torch.tensor([0.8, 0.1])) ** 2).mean()
@@ -142,8 +153,8 @@ def test_margin_mse_hand_computed():
 
 
 def test_fused_compiles_once_for_every_shape_and_positive_count():
-    """Batches of other sizes, group sizes and numbers of positives a query reuse one compilation of each tile
-    function (the false-negative mask is computed once a step, outside them)."""
+    """Batches of other sizes, group sizes and numbers of positives a query reuse one compilation of
+    each tile function (the false-negative mask is computed once a step, outside them)."""
     pytest.importorskip("torch._inductor")
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -151,6 +162,6 @@ def test_fused_compiles_once_for_every_shape_and_positive_count():
     for B, G, P in [(37, 4, 2), (20, 2, 3), (45, 3, 1), (16, 1, 5)]:
         q, d, _ = _case(B, G, 16, False)
         q_pos = torch.randint(0, B * G, (B, P))
-        fused_info_nce(q.requires_grad_(), d.requires_grad_(), 0.05, G, 0, torch.arange(B * G), q_pos,
-                       tile=(8, 20), compile=True).backward()
+        fused_info_nce(q.requires_grad_(), d.requires_grad_(), 0.05, G, 0, torch.arange(B * G),
+                       q_pos, tile=(8, 20), compile=True).backward()
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])

@@ -1,4 +1,5 @@
-"""mine.py's negative selection on a toy corpus with known scores: margin, dedup, hard/random mix."""
+"""mine.py's negative selection on a toy corpus with known scores: margin, dedup,
+hard/random mix."""
 import argparse
 import random
 
@@ -10,16 +11,18 @@ def args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-CORPUS = {"p": "positive text", "a": "doc a", "b": "doc b", "b2": "doc b", "c": "doc c", "q": "the query",
-          "d": "doc d", "e": "doc e", "f": "doc f", "g": "doc g"}
-SCORES = {"p": 0.8, "a": 0.79, "b": 0.70, "b2": 0.70, "c": 0.60, "q": 0.58, "d": 0.50, "e": 0.10, "f": 0.05, "g": 0.01}
-WINDOW = [(d, SCORES[d]) for d in ("a", "b", "b2", "q", "c", "d")]  # ranked, positives already removed
+CORPUS = {"p": "positive text", "a": "doc a", "b": "doc b", "b2": "doc b", "c": "doc c",
+          "q": "the query", "d": "doc d", "e": "doc e", "f": "doc f", "g": "doc g"}
+SCORES = {"p": 0.8, "a": 0.79, "b": 0.70, "b2": 0.70, "c": 0.60, "q": 0.58, "d": 0.50, "e": 0.10,
+          "f": 0.05, "g": 0.01}
+# ranked, positives already removed
+WINDOW = [(d, SCORES[d]) for d in ("a", "b", "b2", "q", "c", "d")]
 POS = {"p": 0.8}
 
 
 def select(**kw):
-    return mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(**kw), random.Random(0),
-                                 SCORES.get)
+    return mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(**kw),
+                                 random.Random(0), SCORES.get)
 
 
 def test_dedup_and_query_text_removed():
@@ -35,22 +38,28 @@ def test_relative_margin():
 
 
 def test_short_window_is_topped_up_at_random():
-    chosen, counts = select(margin=0.8)  # below 0.8 x 0.8 = 0.64: a, b and b2 go; q repeats the query's text
-    assert [d for d, _ in chosen][:2] == ["c", "d"] and counts["margin"] == 3 and counts["same_text"] == 1
+    # below 0.8 x 0.8 = 0.64: a, b and b2 go; q repeats the query's text
+    chosen, counts = select(margin=0.8)
+    assert ([d for d, _ in chosen][:2] == ["c", "d"] and counts["margin"] == 3
+            and counts["same_text"] == 1)
     assert counts["random"] == 1 and counts["short_window"] == 1
     rand, s = chosen[2]
     assert rand not in POS and CORPUS[rand] not in {"the query", "positive text", "doc c", "doc d"}
-    assert s == SCORES[rand] and s < 0.64  # a random top-up carries its real score and passes the margin too
+    # a random top-up carries its real score and passes the margin too
+    assert s == SCORES[rand] and s < 0.64
 
 
 def test_seeded_random_sampling():
-    a, b = (mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(sampling="random"),
-                                  random.Random(5), SCORES.get) for _ in range(2))
+    a, b = (mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS),
+                                  args(sampling="random"), random.Random(5), SCORES.get)
+            for _ in range(2))
     assert a == b
 
 
 def test_relative_margin_with_a_negative_floor():
-    pos = {"p": -0.2}  # the lowest positive scores below zero: 0.95 x -0.2 = -0.19 would keep higher scores
-    chosen, counts = mine.select_negatives([("a", -0.1), ("b", -0.3)], "the query", pos, CORPUS, [], args(margin=0.95),
-                                           random.Random(0), {"a": -0.1, "b": -0.3}.get)
+    # the lowest positive scores below zero: 0.95 x -0.2 = -0.19 would keep higher scores
+    pos = {"p": -0.2}
+    chosen, counts = mine.select_negatives([("a", -0.1), ("b", -0.3)], "the query", pos, CORPUS, [],
+                                           args(margin=0.95), random.Random(0),
+                                           {"a": -0.1, "b": -0.3}.get)
     assert [d for d, _ in chosen] == ["b"] and counts["margin"] == 1

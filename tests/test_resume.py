@@ -1,4 +1,5 @@
-"""Runs that survive: exact resume after SIGKILL, SIGTERM saves and exits 0, a killed writer leaves the old file."""
+"""Runs that survive: exact resume after SIGKILL, SIGTERM saves and exits 0, a killed writer leaves
+the old file."""
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 
-import data
+import cli
 from conftest import ROOT
 from test_train import flat, make_train_file
 
@@ -20,9 +21,10 @@ def train_file(tmp_path_factory):
 
 
 def cmd(model, train_file, out_dir, *extra):
-    return [sys.executable, "train.py", "--model", model, "--train_data", train_file, "--out_dir", str(out_dir),
-            "--batch_size", "8", "--group_size", "2", "--chunk_size", "4", "--epochs", "2", "--lr", "1e-3",
-            "--dtype", "fp32", "--device", "cpu", "--save_every", "1", *map(str, extra)]
+    return [sys.executable, "train.py", "--model", model, "--train_data", train_file,
+            "--out_dir", str(out_dir), "--batch_size", "8", "--group_size", "2",
+            "--chunk_size", "4", "--epochs", "2", "--lr", "1e-3", "--dtype", "fp32",
+            "--device", "cpu", "--save_every", "1", *map(str, extra)]
 
 
 def wait_for_steps(out_dir, n, proc, timeout=240):
@@ -31,7 +33,8 @@ def wait_for_steps(out_dir, n, proc, timeout=240):
     while time.time() - t0 < timeout:
         assert proc.poll() is None, proc.stderr.read()
         log = out_dir / "log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= n and (out_dir / "train_state.pt").exists():
+        if (log.exists() and len(log.read_text().splitlines()) >= n
+                and (out_dir / "train_state.pt").exists()):
             return
         time.sleep(0.05)
     raise TimeoutError
@@ -44,16 +47,18 @@ def final_weights(out_dir):
 def test_sigkill_then_resume_equals_uninterrupted(tiny_model, train_file, tmp_path):
     """Dropout on, gradient caching on, a checkpoint every step; 12 steps over 2 epochs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd(tiny_model, train_file, tmp_path / "full"), cwd=ROOT, check=True, capture_output=True, env=env)
+    subprocess.run(cmd(tiny_model, train_file, tmp_path / "full"), cwd=ROOT, check=True,
+                   capture_output=True, env=env)
     killed = tmp_path / "killed"
-    p = subprocess.Popen(cmd(tiny_model, train_file, killed), cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(cmd(tiny_model, train_file, killed), cwd=ROOT, stderr=subprocess.PIPE,
+                         text=True, env=env)
     wait_for_steps(killed, 7, p)  # past the epoch boundary (6 steps an epoch)
     p.send_signal(signal.SIGKILL)
     p.wait()
     done = len((killed / "log.jsonl").read_text().splitlines())
     assert done < 12, "the run finished before it could be killed"
-    r = subprocess.run(cmd(tiny_model, train_file, killed, "--resume"), cwd=ROOT, capture_output=True, text=True,
-                       env=env)
+    r = subprocess.run(cmd(tiny_model, train_file, killed, "--resume"), cwd=ROOT,
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" in r.stdout
     a, b = final_weights(tmp_path / "full"), final_weights(killed)
@@ -64,8 +69,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model, train_file, tmp_pa
 
 
 def test_sigterm_saves_and_exits_zero(tiny_model, train_file, tmp_path):
-    p = subprocess.Popen(cmd(tiny_model, train_file, tmp_path, "--epochs", 50), cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd(tiny_model, train_file, tmp_path, "--epochs", 50), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(tmp_path, 2, p)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
@@ -78,55 +83,68 @@ def test_sigterm_saves_and_exits_zero(tiny_model, train_file, tmp_path):
 
 
 def test_resume_without_checkpoint(tiny_model, train_file, tmp_path):
-    r = subprocess.run(cmd(tiny_model, train_file, tmp_path / "x", "--resume"), cwd=ROOT, capture_output=True,
-                       text=True)
+    r = subprocess.run(cmd(tiny_model, train_file, tmp_path / "x", "--resume"), cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode != 0 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_killed_writer_leaves_previous_file_intact(tmp_path):
     target = tmp_path / "metrics.json"
     target.write_text('{"ndcg@10": 0.6451}\n')
-    writer = ("import sys, time; sys.path.insert(0, sys.argv[2]); import data\n"
+    writer = ("import sys, time; sys.path.insert(0, sys.argv[2]); import cli\n"
               "def slow(f):\n"
-              "    f.write('{\"ndcg@10\": 0.1')\n    f.flush()\n    print('writing', flush=True)\n    time.sleep(60)\n"
-              "data.atomic_write(sys.argv[1], slow)\n")
-    p = subprocess.Popen([sys.executable, "-c", writer, str(target), ROOT], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "writing"  # the new content is half written, in a temporary file
+              "    f.write('{\"ndcg@10\": 0.1')\n    f.flush()\n"
+              "    print('writing', flush=True)\n    time.sleep(60)\n"
+              "cli.atomic_write(sys.argv[1], slow)\n")
+    p = subprocess.Popen([sys.executable, "-c", writer, str(target), ROOT], stdout=subprocess.PIPE,
+                         text=True)
+    # the new content is half written, in a temporary file
+    assert p.stdout.readline().strip() == "writing"
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert target.read_text() == '{"ndcg@10": 0.6451}\n'
 
 
-def test_resume_from_another_models_checkpoint(tiny_model, tiny_model_nodropout, train_file, tmp_path):
-    subprocess.run(cmd(tiny_model, train_file, tmp_path, "--max_steps", 1), cwd=ROOT, check=True, capture_output=True)
-    r = subprocess.run(cmd(tiny_model_nodropout, train_file, tmp_path, "--resume"), cwd=ROOT, capture_output=True,
-                       text=True)
+def test_resume_from_another_models_checkpoint(tiny_model, tiny_model_nodropout, train_file,
+                                               tmp_path):
+    subprocess.run(cmd(tiny_model, train_file, tmp_path, "--max_steps", 1), cwd=ROOT, check=True,
+                   capture_output=True)
+    r = subprocess.run(cmd(tiny_model_nodropout, train_file, tmp_path, "--resume"), cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode != 0 and "train_state.pt: it was trained with --model" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_non_finite_loss_stops_with_the_step(tiny_model, train_file, tmp_path):
-    r = subprocess.run(cmd(tiny_model, train_file, tmp_path, "--temp", "1e-45"), cwd=ROOT, capture_output=True,
-                       text=True)
+    r = subprocess.run(cmd(tiny_model, train_file, tmp_path, "--temp", "1e-45"), cwd=ROOT,
+                       capture_output=True, text=True)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert last.startswith("error: step 1: loss is") and "lower --lr" in last, last
 
 
 def test_sigkill_during_a_sharded_encode_then_rerun_gives_the_same_files(tiny_model, tmp_path):
-    """encode.py killed after a few of its shards, then the same command: the files of an uninterrupted run."""
+    """encode.py killed after a few of its shards, then the same command: the files of an
+    uninterrupted run."""
     folder = tmp_path / "b"
     (folder / "qrels").mkdir(parents=True)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    data.write_jsonl(folder / "corpus.jsonl", [{"_id": f"d{i}", "text": " ".join(words[(i * 7 + j) % 10]
-                                                for j in range(5 + i % 40))} for i in range(3000)])
-    data.write_jsonl(folder / "queries.jsonl", [{"_id": "q1", "text": "alpha beta"}])
+    cli.write_jsonl(folder / "corpus.jsonl",
+                    [{"_id": f"d{i}", "text": " ".join(words[(i * 7 + j) % 10]
+                                                       for j in range(5 + i % 40))}
+                     for i in range(3000)])
+    cli.write_jsonl(folder / "queries.jsonl", [{"_id": "q1", "text": "alpha beta"}])
     (folder / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
-    cmd = lambda out: [sys.executable, "encode.py", "--model", tiny_model, "--dataset", str(folder), "--split", "test",
-                       "--shard_size", "100", "--batch_size", "8", "--device", "cpu", "--out", str(out)]
+
+    def cmd(out):
+        return [sys.executable, "encode.py", "--model", tiny_model, "--dataset", str(folder),
+                "--split", "test", "--shard_size", "100", "--batch_size", "8", "--device", "cpu",
+                "--out", str(out)]
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd(tmp_path / "full"), cwd=ROOT, check=True, capture_output=True, env=env)
-    p = subprocess.Popen(cmd(tmp_path / "killed"), cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(cmd(tmp_path / "killed"), cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                         env=env)
     t0 = time.time()
     while len(list((tmp_path / "killed").glob("corpus.*.ids.txt"))) < 3 and time.time() - t0 < 240:
         assert p.poll() is None, p.stderr.read()
@@ -136,7 +154,9 @@ def test_sigkill_during_a_sharded_encode_then_rerun_gives_the_same_files(tiny_mo
     done = len(list((tmp_path / "killed").glob("corpus.*.ids.txt")))
     assert 3 <= done < 30, done
     subprocess.run(cmd(tmp_path / "killed"), cwd=ROOT, check=True, capture_output=True, env=env)
-    names = sorted(f.name for f in (tmp_path / "full").iterdir())  # the killed run's temporary files are gone
+    # the killed run's temporary files are gone
+    names = sorted(f.name for f in (tmp_path / "full").iterdir())
     assert names == sorted(f.name for f in (tmp_path / "killed").iterdir()) and ".lock" in names
     for name in names:
-        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
+        assert ((tmp_path / "full" / name).read_bytes()
+                == (tmp_path / "killed" / name).read_bytes()), name

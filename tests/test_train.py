@@ -1,4 +1,5 @@
-"""train.py: gradient caching is exact (three ways), dropout is live, the log has what DESIGN.md promises."""
+"""train.py: gradient caching is exact (three ways), dropout is live, the log has what DESIGN.md
+promises."""
 import json
 import os
 import random
@@ -6,6 +7,7 @@ import random
 import pytest
 import torch
 
+import cli
 import data
 import train
 from conftest import SCIFACT
@@ -13,8 +15,8 @@ from loss import info_nce
 
 
 def make_train_file(path, n=24, num_neg=3, seed=0, folder=SCIFACT):
-    """A small real train jsonl: train queries (SciFact unless folder says otherwise), their positives, random
-    corpus documents as negatives."""
+    """A small real train jsonl: train queries (SciFact unless folder says otherwise), their
+    positives, random corpus documents as negatives."""
     corpus, queries, qrels = data.load_dataset(folder, "train")
     rng = random.Random(seed)
     doc_ids = sorted(corpus)
@@ -22,9 +24,9 @@ def make_train_file(path, n=24, num_neg=3, seed=0, folder=SCIFACT):
     for qid in sorted(qrels)[:n]:
         pos = sorted(qrels[qid])
         neg = [d for d in rng.sample(doc_ids, num_neg + 2) if d not in pos][:num_neg]
-        rows.append({"qid": qid, "query": queries[qid], "pos": [corpus[d] for d in pos], "pos_ids": pos,
-                     "neg": [corpus[d] for d in neg], "neg_ids": neg})
-    data.write_jsonl(str(path), rows)
+        rows.append({"qid": qid, "query": queries[qid], "pos": [corpus[d] for d in pos],
+                     "pos_ids": pos, "neg": [corpus[d] for d in neg], "neg_ids": neg})
+    cli.write_jsonl(str(path), rows)
     return str(path)
 
 
@@ -34,10 +36,11 @@ def train_file(tmp_path_factory):
 
 
 def run(model, train_file, out_dir, *extra):
-    args = train.parser.parse_args(["--model", model, "--train_data", train_file, "--out_dir", str(out_dir),
-                                    "--batch_size", "8", "--group_size", "2", "--max_steps", "2", "--lr", "1e-3",
-                                    "--warmup", "0", "--dtype", "fp32", "--device", "cpu", "--temp", "0.05",
-                                    *map(str, extra)])
+    args = train.parser.parse_args(["--model", model, "--train_data", train_file,
+                                    "--out_dir", str(out_dir), "--batch_size", "8",
+                                    "--group_size", "2", "--max_steps", "2", "--lr", "1e-3",
+                                    "--warmup", "0", "--dtype", "fp32", "--device", "cpu",
+                                    "--temp", "0.05", *map(str, extra)])
     train.main(args)
     state = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=False)
     with open(os.path.join(out_dir, "log.jsonl")) as f:
@@ -64,7 +67,8 @@ def test_cached_equals_uncached_without_dropout(tiny_model_nodropout, train_file
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
 
-def test_replay_is_exact_with_dropout_and_dropout_is_live(tiny_model, tiny_model_nodropout, train_file, tmp_path):
+def test_replay_is_exact_with_dropout_and_dropout_is_live(tiny_model, tiny_model_nodropout,
+                                                          train_file, tmp_path):
     on, log = run(tiny_model, train_file, tmp_path / "on", "--chunk_size", 4)
     assert all(row["replay_err"] == 0.0 for row in log), [row["replay_err"] for row in log]
     assert {"step", "loss", "lr", "grad_norm", "replay_err"} <= set(log[0]) and log[0]["step"] == 1
@@ -72,15 +76,18 @@ def test_replay_is_exact_with_dropout_and_dropout_is_live(tiny_model, tiny_model
     start = start_weights(tiny_model)  # same initial weights: dropout has no parameters
     assert torch.equal(start, start_weights(tiny_model_nodropout))
     rel = (flat(on) - flat(off)).norm() / (flat(off) - start).norm()
-    assert rel > 0.1, f"dropout-on and dropout-off runs end too close ({rel:.2e}): is the model in train mode?"
+    assert rel > 0.1, (f"dropout-on and dropout-off runs end too close ({rel:.2e}): "
+                       "is the model in train mode?")
 
 
-def test_replay_is_exact_for_minilm_and_its_checkpoint_loads_in_transformers(train_file, tmp_path):
-    """The bundled MiniLM (dropout 0.1): pass 2 reproduces pass 1 bit for bit; the checkpoint training writes gives
-    our encode path's vectors in plain transformers.AutoModel with mean pooling."""
+def test_replay_is_exact_for_minilm_and_its_checkpoint_loads_in_transformers(train_file,
+                                                                             tmp_path):
+    """The bundled MiniLM (dropout 0.1): pass 2 reproduces pass 1 bit for bit; the checkpoint
+    training writes gives our encode path's vectors in plain transformers.AutoModel with mean
+    pooling."""
     from transformers import AutoModel
 
-    from data import default_model
+    from cli import default_model
     _, log = run(default_model(), train_file, tmp_path / "m", "--chunk_size", 4, "--max_steps", 1,
                  "--passage_max_len", 64)
     assert log[0]["replay_err"] == 0.0
@@ -94,11 +101,13 @@ def test_replay_is_exact_for_minilm_and_its_checkpoint_loads_in_transformers(tra
     m = batch["attention_mask"].unsqueeze(-1).float()
     theirs = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
     assert (torch.tensor(ours.encode(texts, "doc")) - theirs).abs().max() < 1e-4
-    assert not torch.allclose(theirs, torch.tensor(train.BiEncoder(default_model()).eval().encode(texts, "doc")))
+    assert not torch.allclose(theirs, torch.tensor(train.BiEncoder(default_model()).eval()
+                                                   .encode(texts, "doc")))
 
 
 def test_cached_gradient_equals_full_batch_with_pass1_masks(tiny_model):
-    """The cached gradient against one autograd graph over the whole batch that uses pass 1's dropout masks."""
+    """The cached gradient against one autograd graph over the whole batch that uses pass 1's
+    dropout masks."""
     torch.manual_seed(0)
     model = train.BiEncoder(tiny_model)
     model.train()
@@ -107,16 +116,21 @@ def test_cached_gradient_equals_full_batch_with_pass1_masks(tiny_model):
     q_tok = model.tokenize([queries[q] for q in qids], "query")
     d_tok = model.tokenize([corpus[sorted(qrels[q])[0]] for q in qids], "doc")
     ctx, dev = torch.autocast("cpu", enabled=False), torch.device("cpu")
-    loss_fn = lambda q, d: info_nce(q, d, 0.05, 1)
+
+    def loss_fn(q, d):
+        return info_nce(q, d, 0.05, 1)
+
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     rng = torch.get_rng_state()
     train.train_step(model, {"q": q_tok, "d": d_tok}, loss_fn, 3, ctx, scaler, dev)
-    used = [p for p in model.parameters() if p.grad is not None]  # the pooler, e.g., gets no gradient
+    # the pooler, e.g., gets no gradient
+    used = [p for p in model.parameters() if p.grad is not None]
     cached = [p.grad.clone() for p in used]
     model.zero_grad()
 
-    # full graph: the same chunks, each run under the RNG state pass 1 gave it, kept in one autograd graph
+    # full graph: the same chunks, each run under the RNG state pass 1 gave it, kept in one autograd
+    # graph
     torch.set_rng_state(rng)
     embs = []
     for tok, kind in ((q_tok, "query"), (d_tok, "doc")):
@@ -141,15 +155,23 @@ def test_chunks_are_length_sorted_and_trimmed():
     tokens = {"input_ids": torch.tensor([[1, 2, 0, 0], [1, 2, 3, 4], [1, 0, 0, 0]]),
               "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])}
     seen = []
-    stub = lambda chunk, kind: (seen.append(tuple(chunk["input_ids"].shape)), chunk["input_ids"][:, :1].float())[1]
-    emb, (chunks, order, _) = train.embed(stub, tokens, "doc", 2, contextlib.nullcontext(), torch.device("cpu"))
+
+    def stub(chunk, kind):
+        return (seen.append(tuple(chunk["input_ids"].shape)),
+                chunk["input_ids"][:, :1].float())[1]
+
+    emb, (chunks, order, _) = train.embed(stub, tokens, "doc", 2, contextlib.nullcontext(),
+                                          torch.device("cpu"))
     assert order.tolist() == [1, 0, 2] and seen == [(2, 4), (1, 1)]
     assert emb.flatten().tolist() == [1, 1, 1]  # back in batch order
 
 
 def test_attention_dropout_flag(tiny_model, train_file, tmp_path):
-    """--attention_dropout replaces the dropout on attention probabilities only, and the saved config says so."""
-    config = lambda m: (m.encoder.config.attention_probs_dropout_prob, m.encoder.config.hidden_dropout_prob)
+    """--attention_dropout replaces the dropout on attention probabilities only, and the saved
+    config says so."""
+    def config(m):
+        return m.encoder.config.attention_probs_dropout_prob, m.encoder.config.hidden_dropout_prob
+
     assert config(train.BiEncoder(tiny_model)) == (0.1, 0.1)
     assert config(train.BiEncoder(tiny_model, attention_dropout=0.0)) == (0.0, 0.1)
     run(tiny_model, train_file, tmp_path / "ad0", "--chunk_size", 4, "--attention_dropout", 0)
@@ -159,33 +181,39 @@ def test_attention_dropout_flag(tiny_model, train_file, tmp_path):
 
 
 def test_compiled_replay_is_exact_with_dropout(tiny_model, train_file, tmp_path):
-    """--compile on CPU with dropout: pass 2 still reproduces pass 1 bit for bit (inductor replays eager's draws)."""
+    """--compile on CPU with dropout: pass 2 still reproduces pass 1 bit for bit (inductor replays
+    eager's draws)."""
     _, log = run(tiny_model, train_file, tmp_path / "c", "--chunk_size", 4, "--compile")
     assert [row["replay_err"] for row in log] == [0.0, 0.0]
 
 
 def test_distillation_trains_and_needs_scores(tiny_model, train_file, tmp_path):
-    """--distill kl and margin_mse run end to end on scored data (score.py's pos_scores/neg_scores) and ask for
-    them otherwise."""
+    """--distill kl and margin_mse run end to end on scored data (score.py's pos_scores/neg_scores)
+    and ask for them otherwise."""
     rows = data.read_train_jsonl(train_file)
     for i, row in enumerate(rows):
         row["pos_scores"] = [0.9] * len(row["pos"])
         row["neg_scores"] = [0.5 - 0.1 * (i % 3)] * len(row["neg"])
     scored = str(tmp_path / "scored.jsonl")
-    data.write_jsonl(scored, rows)
+    cli.write_jsonl(scored, rows)
     for how in ("kl", "margin_mse"):
         _, log = run(tiny_model, scored, tmp_path / how, "--chunk_size", 4, "--distill", how)
         assert len(log) == 2 and all(row["replay_err"] == 0.0 for row in log)
-    with pytest.raises(data.InputError, match="pos_scores and neg_scores"):
+    with pytest.raises(cli.InputError, match="pos_scores and neg_scores"):
         run(tiny_model, train_file, tmp_path / "nokd", "--distill", "kl")
 
 
 def test_auto_chunk_follows_the_model_and_the_length():
-    """On a GPU the automatic chunk is an activation budget: BERT-base at 256 tokens 256 texts, BERT-large at 512
-    (the size that ran out of memory at 256) 48, MiniLM-L6 at 256 1024; on a CPU 32."""
+    """On a GPU the automatic chunk is an activation budget: BERT-base at 256 tokens 256 texts,
+    BERT-large at 512 (the size that ran out of memory at 256) 48, MiniLM-L6 at 256 1024; on a CPU
+    32."""
     from types import SimpleNamespace as NS
-    model = lambda width, layers, length: NS(encoder=NS(config=NS(hidden_size=width, num_hidden_layers=layers)),
-                                             settings={"passage_max_len": length})
+
+    def model(width, layers, length):
+        return NS(encoder=NS(config=NS(hidden_size=width, num_hidden_layers=layers)),
+                  settings={"passage_max_len": length})
+
     gpu = torch.device("cuda")
-    assert [train.auto_chunk(model(*m), gpu) for m in ((768, 12, 256), (1024, 24, 512), (384, 6, 256))] == [256, 48, 1024]
+    assert [train.auto_chunk(model(*m), gpu)
+            for m in ((768, 12, 256), (1024, 24, 512), (384, 6, 256))] == [256, 48, 1024]
     assert train.auto_chunk(model(768, 12, 256), torch.device("cpu")) == 32
