@@ -17,7 +17,9 @@ PYTHON=${PYTHON:-python}
 OUT=${OUT:-runs/scifact}
 GROUP=${GROUP:-4} MARGIN=${MARGIN:-0.95} MASK=${MASK:-1} EPOCHS=${EPOCHS:-3} LR=${LR:-1e-4} TEMP=${TEMP:-0.05}
 ADROP=${ADROP:-0} SEED=${SEED:-0} EVAL_EVERY=${EVAL_EVERY:-} DISTILL=${DISTILL:-} TEACHER=${TEACHER:-}
-RUN="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}_s${SEED}${DISTILL:+_$DISTILL}"
+EXTRA=${EXTRA:-} TAG=${TAG:-}  # more train.py flags (e.g. EXTRA="--separate_towers" TAG=towers)
+RUN="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}_s${SEED}"
+RUN="$RUN${DISTILL:+_$DISTILL}${TAG:+_$TAG}"
 mkdir -p "$RUN"
 
 # 1. dev split: 100 of the 809 train queries, fixed by seed 0; training never sees them
@@ -56,7 +58,7 @@ if [ -n "$DISTILL" ]; then
 fi
 $PYTHON train.py --train_data "$TRAIN" --group_size "$GROUP" --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
     --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --attention_dropout "$ADROP" --seed "$SEED" \
-    --query_max_len 64 --dtype bf16 ${DISTILL:+--distill "$DISTILL"} --out_dir "$RUN/ft" --log_every 5 \
+    --query_max_len 64 --dtype bf16 ${DISTILL:+--distill "$DISTILL"} --out_dir "$RUN/ft" --log_every 5 $EXTRA \
     ${EVAL_EVERY:+--eval_dataset beir/scifact/train --eval_queries "$OUT/dev.ids" --eval_every "$EVAL_EVERY"}
 
 # 5. dev (settings were chosen here), then test once
