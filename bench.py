@@ -33,7 +33,7 @@ from model import DTYPES, Bert, for_inference
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 parser = cli.parser(__doc__, device="auto", dtype="bf16")
-parser.add_argument("--what", default="all", choices=["loss", "train", "encode", "all"],
+parser.add_argument("--what", default="all", choices=["loss", "train", "encode", "llm", "all"],
                     help="What to compare.")
 parser.add_argument("--quick", action="store_true",
                     help="CPU-sized settings: the real MiniLM on SciFact texts.")
@@ -216,7 +216,9 @@ def main(args):
         sides = {kind: child_side(spawn, kind=kind, shape=shape, dtype=dtype, steps=4)
                  for kind in ("fused", "reference")}
         compare("loss", sides, args.reps, ["seconds", "extra_gb"], shape=shape, dtype=dtype)
-    if args.what == "loss":
+    if args.what in ("llm", "all"):
+        llm(args, cuda, tmp)
+    if args.what in ("loss", "llm"):
         return
     folder, rows, docs, queries, s = workload(args, cuda, tmp)
     if args.what in ("encode", "all"):
@@ -247,6 +249,50 @@ def main(args):
                       args.reps, ["per_s", "peak_gb", "wall"], group=2, dtype=args.dtype, **s)
         if cuda:
             print_mfu(res, folder, s)
+
+def decoder(folder, cuda):
+    """A decoder LLM with random weights: Qwen2-0.5B's shape on a GPU (24 layers, 896 wide, 0.5B
+    weights), 2 layers on a CPU; MiniLM's vocabulary as its tokenizer ([SEP] its end-of-sequence).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+    base = AutoTokenizer.from_pretrained(cli.default_model())
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="[SEP]",
+                                        pad_token="[PAD]")
+    layers = 24 if cuda else 2
+    config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, tie_word_embeddings=True)
+    Qwen2Model(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, [w for w in tokenizer.get_vocab() if w.isalpha() and w.isascii()]
+
+def llm(args, cuda, tmp):
+    """train.py on a decoder: LoRA rank 16 on the frozen bf16 base, gradient checkpointing, batch
+    512 (64 on a CPU) with 1 hard negative, queries of 64 and documents of 256 tokens: queries/s and
+    peak memory (ours only: sentence-transformers has no such cached LoRA route to compare with
+    here)."""
+    folder, words = decoder(os.path.join(tmp, "qwen2"), cuda)
+    rng = random.Random(0)
+
+    def text(n):
+        return " ".join(rng.choices(words, k=n))
+    batch = 512 if cuda else 16
+    steps = 4 if cuda else 2
+    rows = [{"query": text(60), "pos": [text(300)], "neg": [text(300)]}
+            for _ in range(batch * steps)]
+    train_file = os.path.join(tmp, "llm.jsonl")
+    cli.write_jsonl(train_file, rows)
+    flags = ["--model", folder, "--train_data", train_file, "--batch_size", batch,
+             "--max_steps", steps, "--group_size", 2, "--query_max_len", 64,
+             "--passage_max_len", 256, "--lora_rank", 16, "--grad_checkpoint",
+             "--dtype", args.dtype, "--device", args.device]
+    for r in range(args.reps):
+        out_dir = f"{tmp}/llm_{r}"
+        cmd = [sys.executable, "train.py", *map(str, flags), "--out_dir", out_dir]
+        out = measure(cmd, f"{out_dir}/log.jsonl", None)
+        print(json.dumps({"what": "llm: train, Qwen2-0.5B shape, LoRA 16, gradient checkpointing",
+                          "layers": 24 if cuda else 2, "batch": batch, "q_per_s": out["per_s"],
+                          "peak_gb": out["peak_gb"], "wall": out["wall"]}), flush=True)
 
 def child_side(spawn, **spec):
     """A side that runs one child measurement with this spec, whatever the repetition."""

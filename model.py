@@ -16,19 +16,24 @@ separate towers) travel in `biencoder.json` inside the saved folder. A plain Hug
 gets them from its sentence-transformers files when it has them (all-MiniLM-L6-v2: mean pooling,
 normalize, 256 tokens), else from DEFAULTS (BGE's: the CLS token, normalized).
 """
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 # the modeling code is imported only for non-BERT models
 from transformers import AutoConfig, AutoTokenizer
 
 import data
+import lora
 from cli import InputError
 
 # --------------------------------------------------------------------------------------------- BERT
@@ -60,12 +65,12 @@ class Bert(nn.Module):
             )))
         # checkpoint tensors the encoder does not use (BERT's pooler): saved back unchanged
         self.unused = {}
+        self.grad_checkpoint = False  # recompute each layer's activations in backward
 
     def forward(self, input_ids, attention_mask=None):
         """(B, L) token ids and padding mask (1 = real token; None = no padding) -> hidden states
         (B, L, d)."""
-        B, L = input_ids.shape
-        heads = self.config.num_attention_heads
+        L = input_ids.shape[1]
         p_hidden = self.config.hidden_dropout_prob if self.training else 0.0
         p_attn = self.config.attention_probs_dropout_prob if self.training else 0.0
         x = self.word(input_ids) + self.position.weight[:L] + self.token_type.weight[0]  # (B, L, d)
@@ -74,12 +79,23 @@ class Bert(nn.Module):
         # tokens only
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for layer in self.layers:
-            # each (B, heads, L, d/heads)
-            q, k, v = layer.qkv(x).view(B, L, 3, heads, -1).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_attn)
-            a = a.transpose(1, 2).reshape(B, L, -1)  # heads side by side again: (B, L, d)
-            x = layer.norm1(x + F.dropout(layer.attn_out(a), p_hidden, self.training))
-            x = layer.norm2(x + F.dropout(layer.down(F.gelu(layer.up(x))), p_hidden, self.training))
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                # keep only the layer's input; backward recomputes the rest under the same RNG state
+                x = checkpoint(self.block, layer, x, mask, p_attn, p_hidden, use_reentrant=False)
+            else:
+                x = self.block(layer, x, mask, p_attn, p_hidden)
+        return x
+
+    def block(self, layer, x, mask, p_attn, p_hidden):
+        """One layer: self-attention, then the MLP, each added to its input and layer-normalised."""
+        B, L, _ = x.shape
+        heads = self.config.num_attention_heads
+        # each (B, heads, L, d/heads)
+        q, k, v = layer.qkv(x).view(B, L, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_attn)
+        a = a.transpose(1, 2).reshape(B, L, -1)  # heads side by side again: (B, L, d)
+        x = layer.norm1(x + F.dropout(layer.attn_out(a), p_hidden, self.training))
+        x = layer.norm2(x + F.dropout(layer.down(F.gelu(layer.up(x))), p_hidden, self.training))
         return x
 
     @staticmethod
@@ -106,13 +122,13 @@ class Bert(nn.Module):
         model.unused = hf
         return model
 
-    def save(self, path):
+    def save(self, path, state=None):
         """config.json and model.safetensors under transformers' names (q, k and v split apart
-        again)."""
+        again); state: the weights under our names (default: the model's own)."""
         self.config.architectures = ["BertModel"]
         self.config.save_pretrained(path)
         tensors = dict(self.unused)
-        for name, param in self.state_dict().items():
+        for name, param in (state or self.state_dict()).items():
             theirs = hf_names(name)
             for their_name, part in zip(theirs, param.chunk(len(theirs))):
                 # clone: safetensors refuses views of one storage
@@ -143,14 +159,25 @@ def hf_names(name):
     prefix = f"encoder.layer.{layer[1]}." if layer else ""
     return [f"{prefix}{t}.{param}" for t in theirs]
 
-def load_encoder(path, attention_dropout=None):
+def read_config(path):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") from None
+
+# Decoder LLMs that embed with their last token (bge-en-icl, e5-mistral, gte-Qwen); any *ForCausalLM
+# too.
+DECODERS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+            "gemma2", "gemma3_text", "phi3", "olmo2"}
+
+def is_decoder(config):
+    causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
+    return config.model_type in DECODERS or causal
+
+def load_encoder(path, config, attention_dropout=None):
     """The transformer of a folder: our Bert where it can run it, else transformers' AutoModel with
     PyTorch's fused attention (SDPA). attention_dropout, if given, replaces the config's dropout on
     attention probabilities."""
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") from None
     if attention_dropout is not None:
         names = [n for n in ("attention_probs_dropout_prob", "attention_dropout")
                  if hasattr(config, n)]
@@ -163,14 +190,49 @@ def load_encoder(path, attention_dropout=None):
     if model is None:
         # imported here only: a heavy import that a BERT never needs
         from transformers import AutoModel
-        model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa")
+        # float32, as our Bert: training keeps float32 master weights (for_inference casts)
+        model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa",
+                                          dtype=torch.float32)
     return model
 
-def save_encoder(encoder, path):
+def hf_modules(name):
+    """One of our Bert's module names -> the transformers modules it stands for ("layers.3.qkv" ->
+    the query, key and value of "encoder.layer.3.attention.self")."""
+    return [n.removesuffix(".weight") for n in hf_names(name + ".weight")]
+
+def save_encoder(encoder, path, base):
+    """A transformer as a Hugging Face folder; with LoRA adapters, its weights with the adapters
+    merged in, and the adapter alone in path/adapter (peft's format, for the model in base)."""
+    state = None
+    if lora.has_adapters(encoder):
+        state = lora.merged_state_dict(encoder)
     if isinstance(encoder, Bert):
-        encoder.save(path)
+        encoder.save(path, state)
+        if state is not None:
+            lora.save_adapter(encoder, os.path.join(path, "adapter"), base, hf_modules)
     else:
-        encoder.save_pretrained(path)
+        encoder.save_pretrained(path, state_dict=state)
+        if state is not None:
+            lora.save_adapter(encoder, os.path.join(path, "adapter"), base)
+
+def with_adapter_merged(path):
+    """A peft adapter folder -> a temporary Hugging Face folder: its base model with the adapter
+    merged in, the base's tokenizer, and the bi-encoder settings of the checkpoint the adapter sits
+    in (or of the base), so that every stage takes an adapter as --model."""
+    from peft import PeftModel
+    from transformers import AutoModel
+    base = data.read_json(os.path.join(path, "adapter_config.json"))["base_model_name_or_path"]
+    if not os.path.isdir(base or ""):
+        raise InputError(f"{path}: its base model {base!r} is not a folder here")
+    folder = tempfile.mkdtemp(prefix="adapter_merged_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), path).merge_and_unload()
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    parent = os.path.dirname(os.path.abspath(path))
+    source = parent if os.path.isfile(os.path.join(parent, SETTINGS)) else base
+    write(folder, SETTINGS, read_settings(source, is_decoder(read_config(base))))
+    return folder
 
 # ----------------------------------------------------------------------------------------- settings
 
@@ -183,19 +245,32 @@ DEFAULTS = {
     "query_max_len": 512,
     "passage_max_len": 512,
     "separate_towers": False,
+    "append_eos": False,
+}
+# A decoder left to the defaults gets FlagEmbedding's decoder_only settings: its last token (an
+# end-of-sequence token appended to every text, as tevatron's append_eos_token), normalised, and an
+# instruction before each query (bge-en-icl's; e5-mistral's is "Instruct: {task}\nQuery: ").
+DECODER_DEFAULTS = {
+    **DEFAULTS,
+    "pooling": "last",
+    "append_eos": True,
+    "query_prefix": ("<instruct>Given a query, retrieve passages that are relevant to the query.\n"
+                     "<query>"),
 }
 # With separate towers a checkpoint holds two Hugging Face folders, one a tower;
 # sentence-transformers routes queries and documents to them (its Router module).
 TOWERS = {"query": "query", "doc": "document"}
 
-def read_settings(path):
+def read_settings(path, decoder=False):
     """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files,
-    else DEFAULTS."""
+    else DEFAULTS (DECODER_DEFAULTS for a decoder)."""
+    defaults = DECODER_DEFAULTS if decoder else DEFAULTS
+
     def file(name):
         return os.path.join(path, name)
     if os.path.isfile(file(SETTINGS)):
-        return {**DEFAULTS, **data.read_json(file(SETTINGS))}
-    settings = dict(DEFAULTS)
+        return {**defaults, **data.read_json(file(SETTINGS))}
+    settings = dict(defaults)
     if os.path.isfile(file("modules.json")):
         modules = data.read_json(file("modules.json"))
         settings["normalize"] = any(m["type"].endswith("Normalize") for m in modules)
@@ -234,25 +309,32 @@ class BiEncoder(nn.Module):
         if not os.path.isdir(path):
             raise InputError(f"--model {path}: not a folder (nothing is downloaded; give a local "
                              f"Hugging Face folder)")
-        self.settings = read_settings(path)
+        # a LoRA adapter (e.g. a checkpoint's model/adapter): its base with the adapter merged in
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            path = with_adapter_merged(path)
+        # a checkpoint with two towers holds a Hugging Face folder for each
+        has_towers = os.path.isdir(os.path.join(path, TOWERS["query"]))
+        doc_path = os.path.join(path, TOWERS["doc"]) if has_towers else path
+        query_path = os.path.join(path, TOWERS["query"]) if has_towers else path
+        config = read_config(doc_path)
+        self.decoder = is_decoder(config)
+        self.settings = read_settings(path, self.decoder)
         for key, value in overrides.items():
             if value is not None:
                 self.settings[key] = value
         if self.settings["pooling"] not in ("cls", "mean", "last"):
             raise InputError(f"unknown pooling {self.settings['pooling']!r}; choose cls, mean or "
                              f"last")
-        # a checkpoint with two towers
-        has_towers = os.path.isdir(os.path.join(path, TOWERS["query"]))
         if has_towers and not self.settings["separate_towers"]:
             raise InputError(f"{path}: a checkpoint with separate towers; it cannot become one "
                              f"shared tower")
-        doc_path = os.path.join(path, TOWERS["doc"]) if has_towers else path
+        self.sources = {"query": query_path, "doc": doc_path}  # where each tower came from
         # documents, and queries when shared
-        self.encoder = load_encoder(doc_path, attention_dropout)
+        self.encoder = load_encoder(doc_path, config, attention_dropout)
         self.query_encoder = None
         if self.settings["separate_towers"]:
-            query_path = os.path.join(path, TOWERS["query"]) if has_towers else path
-            self.query_encoder = load_encoder(query_path, attention_dropout)
+            query_config = read_config(query_path)
+            self.query_encoder = load_encoder(query_path, query_config, attention_dropout)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(doc_path)
         except (OSError, ValueError) as e:
@@ -260,6 +342,8 @@ class BiEncoder(nn.Module):
                              f"({str(e).splitlines()[0]})") from None
         if self.tokenizer.pad_token is None:  # decoder models (last-token pooling) often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.settings["append_eos"]:
+            end_with_eos(self.tokenizer, path)
         positions = getattr(self.encoder.config, "max_position_embeddings", float("inf"))
         for key in ("query_max_len", "passage_max_len"):
             if self.settings[key] > positions:
@@ -268,6 +352,29 @@ class BiEncoder(nn.Module):
     @property
     def dim(self):
         return self.encoder.config.hidden_size
+
+    def towers(self):
+        """The transformers to train: one, or the document tower and the query tower."""
+        return [e for e in (self.encoder, self.query_encoder) if e is not None]
+
+    def add_lora(self, rank, alpha, dropout, targets=None):
+        """LoRA adapters on each tower (lora.py); targets: the layers' names, by default the
+        attention and MLP projections of the architecture. Only the adapters train from then on."""
+        for encoder in self.towers():
+            default = lora.BERT_TARGETS if isinstance(encoder, Bert) else lora.DECODER_TARGETS
+            lora.add_adapters(encoder, rank, alpha, dropout, targets or default)
+
+    def grad_checkpoint(self):
+        """Recompute each layer's activations in backward instead of keeping them (non-reentrant
+        torch.utils.checkpoint, which replays the RNG state: dropout draws the same masks)."""
+        for encoder in self.towers():
+            if isinstance(encoder, Bert):
+                encoder.grad_checkpoint = True
+            else:  # transformers' own switch (renamed in its 5.x series; the old name still works)
+                enable = getattr(encoder, "activation_checkpointing_enable", None)
+                if enable is None:
+                    enable = encoder.gradient_checkpointing_enable
+                enable({"use_reentrant": False})
 
     def tower(self, kind):
         """The transformer that embeds texts of this kind ("query" or "doc")."""
@@ -354,16 +461,17 @@ class BiEncoder(nn.Module):
         sentence-transformers' Router."""
         s = self.settings
         if self.query_encoder is None:
-            save_encoder(self.encoder, path)
-            self.tokenizer.save_pretrained(path)
+            save_encoder(self.encoder, path, self.sources["doc"])
+            self.save_tokenizer(path)
             write(path, "sentence_bert_config.json", {"max_seq_length": s["passage_max_len"]})
             first = {"type": "sentence_transformers.models.Transformer"}
         else:
             towers = ((self.query_encoder, "query", s["query_max_len"]),
-                      (self.encoder, "document", s["passage_max_len"]))
-            for encoder, name, max_len in towers:
-                save_encoder(encoder, os.path.join(path, name))
-                self.tokenizer.save_pretrained(os.path.join(path, name))
+                      (self.encoder, "doc", s["passage_max_len"]))
+            for encoder, kind, max_len in towers:
+                name = TOWERS[kind]
+                save_encoder(encoder, os.path.join(path, name), self.sources[kind])
+                self.save_tokenizer(os.path.join(path, name))
                 write(path, f"{name}/sentence_bert_config.json", {"max_seq_length": max_len})
             transformer = "sentence_transformers.models.Transformer"
             write(path, "router_config.json", {
@@ -390,6 +498,47 @@ class BiEncoder(nn.Module):
             "similarity_fn_name": "cosine",
         })
         write(path, SETTINGS, s)
+
+    def save_tokenizer(self, path):
+        """The tokenizer's files; when it appends an end-of-sequence token, written so that it still
+        does when loaded again (some tokenizer classes rebuild their post-processing when loaded:
+        those are saved as the generic fast tokenizer, which reads tokenizer.json as it is)."""
+        self.tokenizer.save_pretrained(path)
+        if not self.settings["append_eos"] or ends_with_eos(AutoTokenizer.from_pretrained(path)):
+            return
+        config_file = os.path.join(path, "tokenizer_config.json")
+        config = data.read_json(config_file)
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        write(path, "tokenizer_config.json", config)
+        reloaded = AutoTokenizer.from_pretrained(path)
+        assert ends_with_eos(reloaded), f"{path}: the end-of-sequence token is lost on load"
+
+
+def end_with_eos(tokenizer, path):
+    """Make the tokenizer end every text with its end-of-sequence token, once (it may do so
+    already), within the max length: last-token pooling embeds a decoder's text by its hidden state
+    at that token (tevatron's append_eos_token). Done in the tokenizer's own post-processing, so
+    that its saved files make sentence-transformers tokenize the same way."""
+    if tokenizer.eos_token is None:
+        raise InputError(f"{path}: its tokenizer has no end-of-sequence token to pool at; set "
+                         f"pooling mean or cls, or give it an eos_token")
+    if ends_with_eos(tokenizer):
+        return
+    if tokenizer.is_fast:
+        from tokenizers import processors
+        first = tokenizer("x")["input_ids"][0]
+        bos = f"{tokenizer.bos_token} " if first == tokenizer.bos_token_id else ""
+        special = [(tokenizer.eos_token, tokenizer.eos_token_id)]
+        if bos:
+            special.append((tokenizer.bos_token, tokenizer.bos_token_id))
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}$A {tokenizer.eos_token}",
+            pair=f"{bos}$A {tokenizer.eos_token} $B {tokenizer.eos_token}", special_tokens=special)
+    if not ends_with_eos(tokenizer):
+        raise InputError(f"{path}: cannot make its tokenizer append {tokenizer.eos_token!r}")
+
+def ends_with_eos(tokenizer):
+    return tokenizer("x")["input_ids"][-1] == tokenizer.eos_token_id
 
 def write(folder, name, obj):
     """folder/name as JSON, its folder made first (the model folder is swapped in whole, so no temp

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import lora
 import retrieval
 import sampler
 from fused_loss import fused_info_nce
@@ -92,6 +93,21 @@ parser.add_argument("--separate_towers", action="store_true",
                     help="Train a query encoder and a document encoder, both starting from "
                          "--model, instead of one shared encoder.")
 parser.add_argument("--compile", action="store_true", help="torch.compile the encoder.")
+parser.add_argument("--lora_rank", type=cli.count,
+                    help="Train LoRA adapters of this rank instead of every weight (0: off). "
+                         "Default: 0, or FlagEmbedding's 64 for a decoder LLM.")
+parser.add_argument("--lora_alpha", type=cli.rate, default=16,
+                    help="LoRA's scale: the adapter adds (alpha / rank) * B @ A (FlagEmbedding's "
+                         "16).")
+parser.add_argument("--lora_dropout", type=cli.share, default=0.1,
+                    help="Dropout on the adapters' input (FlagEmbedding's 0.1).")
+parser.add_argument("--lora_targets", nargs="+",
+                    help="The layers that get adapters. Default: qkv attn_out up down for our "
+                         "Bert; q_proj k_proj v_proj o_proj gate_proj up_proj down_proj for a "
+                         "decoder.")
+parser.add_argument("--grad_checkpoint", action="store_true",
+                    help="Recompute each layer's activations in backward instead of keeping them: "
+                         "less memory, a larger --chunk_size, about a third more compute.")
 # loss
 parser.add_argument("--temp", type=cli.rate, default=0.05,
                     help="The InfoNCE temperature (the recipes' 0.05 is sentence-transformers' "
@@ -155,11 +171,13 @@ parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"
 # step on.
 MUST_MATCH = ("model", "dataset", "split", "train_data", "mix", "group_size", "query_max_len",
               "passage_max_len", "mask_false_negatives", "pooling", "query_prefix", "doc_prefix",
-              "attention_dropout", "separate_towers", "temp", "mrl_dims", "distill", "teacher_temp",
+              "attention_dropout", "separate_towers", "lora_rank", "lora_alpha", "lora_dropout",
+              "lora_targets", "temp", "mrl_dims", "distill", "teacher_temp",
               "batch_size", "lr", "weight_decay", "warmup", "max_grad_norm", "epochs", "max_steps",
               "seed", "dtype", "eval_dataset", "eval_split", "eval_queries", "eval_metric",
               "data_hash")
-MAY_CHANGE = ("device", "compile", "loss", "chunk_size", "eval_every", "save_every", "log_every")
+MAY_CHANGE = ("device", "compile", "grad_checkpoint", "loss", "chunk_size", "eval_every",
+              "save_every", "log_every")
 
 def check_flags(args, world):
     """The checks of flags that need no data: each a one-line error before any work."""
@@ -516,7 +534,7 @@ def evaluate(model, eval_set, step, args, dtype, log, rank, world):
 
 # --------------------------------------------------------------------------------------------- main
 
-def load_model(args, device, world):
+def load_model(args, device, dtype, world):
     """The bi-encoder to train: --model with the flags' settings, on the device, in train mode
     (dropout on, as in pretraining), its weights equal on every rank."""
     model = BiEncoder(args.model, attention_dropout=args.attention_dropout, pooling=args.pooling,
@@ -527,6 +545,15 @@ def load_model(args, device, world):
         raise cli.InputError(f"--mrl_dims {max(args.mrl_dims)}: the model's embeddings have "
                              f"{model.dim} dimensions")
     # the Matryoshka prefixes are re-normalised like the whole
+    if args.lora_rank is None:  # FlagEmbedding trains a decoder LLM through LoRA by default
+        args.lora_rank = 64 if model.decoder else 0
+    if args.lora_rank:
+        model.add_lora(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        if dtype == "bf16":  # the frozen weights in bf16, the adapters (and AdamW's state) float32
+            for tower in model.towers():
+                lora.frozen_to(tower, torch.bfloat16)
+    if args.grad_checkpoint:
+        model.grad_checkpoint()
     args.normalize = model.settings["normalize"]
     if world > 1:  # a weight initialised at load (a new head) must start equal on every rank
         for tensor in model.state_dict().values():
@@ -534,10 +561,15 @@ def load_model(args, device, world):
     # compiled dropout must draw eager's random numbers, or pass 2 would not replay pass 1
     if args.compile:
         torch._inductor.config.fallback_random = True
-        for tower in (model.encoder, model.query_encoder):
-            if tower is not None:
-                tower.compile(dynamic=True)  # in place: the state dict keeps its names
+        for tower in model.towers():
+            tower.compile(dynamic=True)  # in place: the state dict keeps its names
     return model
+
+def trainable(model):
+    """How many of the model's weights train, e.g. "trainable 1.2M of 22.7M weights"."""
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable {train / 1e6:.1f}M of {total / 1e6:.1f}M weights"
 
 def log_row(batch, loss, acc, lr, grad_norm, replay_err, seconds, args, device, world):
     """One step's line of log.jsonl."""
@@ -595,7 +627,7 @@ def main(args):
     # the model, its optimiser and precision
     # dropout differs between ranks, as it would across one big batch
     torch.manual_seed(args.seed + rank)
-    model = load_model(args, device, world)
+    model = load_model(args, device, dtype, world)
     chunk_size = args.chunk_size if args.chunk_size is not None else auto_chunk(model, device)
     optimizer, scheduler = make_optimizer(model, args, total_steps, device)
     # fp16 gradients underflow without a scaler
@@ -610,6 +642,7 @@ def main(args):
     if rank == 0:
         print(f"{len(examples)} queries | group {args.group_size} | batch {args.batch_size} over "
               f"{world} process(es) | {args.batch_size * args.group_size - 1} negatives a query | "
+              f"{trainable(model)} | "
               f"chunk {chunk_size or 'off'} | {dtype} on {device} | steps "
               f"{start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
     stop = watch_signals()

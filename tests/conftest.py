@@ -73,3 +73,43 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_nodropout(tmp_path_factory):
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_nodrop"), dropout=0.0)
+
+
+def make_tiny_decoder(path, kind="llama", padding_side="right", dropout=0.1, eos_appended=False):
+    """A 2-layer, 32-wide random decoder (Llama or Qwen2) with the MiniLM vocabulary as its
+    tokenizer: [CLS] plays BOS and [SEP] EOS; the tokenizer adds BOS only, unless eos_appended."""
+    import torch
+    from tokenizers import processors
+    from transformers import (AutoTokenizer, LlamaConfig, LlamaModel, PreTrainedTokenizerFast,
+                              Qwen2Config, Qwen2Model)
+
+    from cli import default_model
+    base = AutoTokenizer.from_pretrained(default_model())
+    backend = base.backend_tokenizer
+    if not eos_appended:
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", base.cls_token_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="[CLS]",
+                                        eos_token="[SEP]", pad_token="[PAD]",
+                                        padding_side=padding_side)
+    config_class, model_class = (LlamaConfig, LlamaModel)
+    if kind == "qwen2":
+        config_class, model_class = (Qwen2Config, Qwen2Model)
+    config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                          max_position_embeddings=512, attention_dropout=dropout)
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny_qwen2"), kind="qwen2",
+                             padding_side="left")
