@@ -250,9 +250,11 @@ def test_checkpoint_loads_in_sentence_transformers(tmp_path, pooling):
 def test_readme_commands_use_real_flags():
     readme = open(os.path.join(ROOT, "README.md")).read()
     import bench
+    import merge
     import score
     scripts = {"train.py": train.parser, "mine.py": mine.parser, "encode.py": encode.parser,
-               "evaluate.py": evaluate.parser, "bench.py": bench.parser, "score.py": score.parser}
+               "evaluate.py": evaluate.parser, "bench.py": bench.parser, "score.py": score.parser,
+               "merge.py": merge.parser}
     checked = 0
     for line in re.findall(r"(?:python|torchrun[^\n]*?) (\w+\.py)([^\n]*)", readme):
         script, rest = line
