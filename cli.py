@@ -7,7 +7,9 @@ right; each script's entry point (`run`) prints it as one line `error: ...` and 
 Any other exception is a bug and keeps its traceback, because whoever forks the script needs it.
 """
 import argparse
+import contextlib
 import datetime
+import errno
 import glob
 import json
 import os
@@ -122,9 +124,33 @@ def default_dtype(dtype, device):
 
 # -------------------------------------------------------------------------------------------- files
 
+def disk_full(error, folder):
+    """Whether an error while writing in folder came from a full disk: OSError ENOSPC (or a full
+    quota), or any other writer's error (torch's zip writer raises RuntimeError) with under 1 MiB
+    left. Ask before removing what was half written."""
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < 1 << 20
+
+def disk_full_error(path):
+    return InputError(f"cannot write {path}: the disk is full; nothing was lost (what was there "
+                      f"before is as it was): free some space and run again")
+
+@contextlib.contextmanager
+def disk_full_is_an_error(path):
+    """A disk that fills up while path (a folder written beside its final place) is written is not a
+    bug of this program: one line saying so."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e, os.path.dirname(os.path.abspath(path))):
+            raise
+        raise disk_full_error(path) from None
+
 def atomic_write(path, write_fn, mode="w"):
     """Write a file through a temporary name in the same folder, fsync, then rename: a reader (or a
-    resumed run) never sees half a file, even after kill -9. write_fn(f) writes the content."""
+    resumed run) never sees half a file, even after kill -9. write_fn(f) writes the content; a full
+    disk is one line (cli.InputError), the file as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -136,9 +162,12 @@ def atomic_write(path, write_fn, mode="w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(e, folder)
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full:
+            raise disk_full_error(path) from None
         raise
 
 def write_json(path, obj):
@@ -216,6 +245,10 @@ def setup_device(name="auto"):
         torch.cuda.set_device(device)  # so that RNG states, allocations and NCCL all use this GPU
     if "RANK" not in os.environ:
         return device, 0, 1
+    missing = [v for v in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise InputError(f"RANK is set but not {', '.join(missing)}: start the script with "
+                         f"torchrun, or unset RANK")
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # a generous timeout: rank 0 saving a large checkpoint keeps the others waiting

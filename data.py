@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import zipfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,6 +73,8 @@ def read_ids(path, known):
         if line.strip() not in known:
             raise InputError(f"{path}:{n}: query id {line.strip()!r} is not in the dataset's qrels")
         ids.add(line.strip())
+    if not ids:
+        raise InputError(f"{path}: no query ids in it")
     return sorted(ids)
 
 # ----------------------------------------------------------------------------------------- datasets
@@ -94,6 +97,10 @@ def load_dataset(ref, split=None):
             if doc_id not in corpus:
                 raise InputError(f"{ref}: qrels of query {qid!r} name document id {doc_id!r}, "
                                  f"which is not in the corpus")
+    if not corpus:
+        raise InputError(f"{ref}: no documents in its corpus")
+    if not queries:
+        raise InputError(f"{ref}: no queries")
     if qrels:
         queries = {qid: text for qid, text in queries.items() if qid in qrels}
     return corpus, queries, qrels
@@ -131,7 +138,10 @@ def read_corpus(path):
     ids = {}  # the ids in file order (a dict: fast to look up)
     offsets = []
     for n, row in read_jsonl(path, offsets):
-        doc_id = str(row.get("_id", ""))
+        if not is_id(row.get("_id")):  # null or true would become the id "None" or "True"
+            raise InputError(f"{path}:{n}: '_id' must be a string or an integer, got "
+                             f"{json.dumps(row.get('_id'))}")
+        doc_id = str(row["_id"])
         if doc_id in ids:
             raise InputError(f"{path}:{n}: id {doc_id!r} again")
         if (not doc_id or doc_id.split() != [doc_id]
@@ -139,6 +149,8 @@ def read_corpus(path):
             raise InputError(f"{path}:{n}: each line needs an '_id' without spaces and a non-empty "
                              f"'text' (or 'title')")
         ids[doc_id] = None
+    if not ids:
+        raise InputError(f"{path}: no lines in it")
     lines = open(path, "rb")  # kept open: one seek a text read
 
     def read(row, doc_id):
@@ -177,6 +189,9 @@ MIRROR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared"
 
 def load_ir_datasets(dataset_id):
     home = os.environ.get("IR_DATASETS_HOME") or os.path.expanduser("~/.ir_datasets")
+    if os.path.exists(home) and not os.path.isdir(home):
+        raise InputError(f"IR_DATASETS_HOME={home} is a file; ir_datasets keeps its files in a "
+                         f"folder")
     zip_path = os.path.join(*dataset_id.split("/")[:2], "source.zip")
     mirrored = os.path.join(MIRROR, zip_path)
     if os.path.isfile(mirrored) and not os.path.isfile(os.path.join(home, zip_path)):
@@ -203,6 +218,9 @@ def load_ir_datasets(dataset_id):
         qrels = {}
         for r in ds.qrels_iter() if ds.has_qrels() else []:
             qrels.setdefault(r.query_id, {})[r.doc_id] = int(r.relevance)
+    except (zipfile.BadZipFile, EOFError):  # a download cut short
+        raise InputError(f"{os.path.join(home, zip_path)}: a damaged (cut short) download; "
+                         f"delete it and run again") from None
     except OSError as e:  # requests' ConnectionError among them
         raise InputError(f"ir_datasets could not get {dataset_id} ({type(e).__name__}): check the "
                          f"network, or put its files in {home}, or give a BEIR folder with "

@@ -45,7 +45,8 @@ def main(args):
     model = for_inference(args.model, device, dtype, passage_max_len=args.max_len)
     t0 = time.time()
     meta = {"model": args.model, "dataset": args.dataset, "split": args.split, "dtype": dtype,
-            "dim": model.dim, **model.settings}
+            "dim": model.dim, **model.settings,
+            "model_fingerprint": retrieval.model_fingerprint(model)}
     retrieval.encode_corpus(model, corpus, args.out, meta, args.shard_size, args.store,
                             args.batch_size, rank, world)
     if rank != 0:

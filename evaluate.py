@@ -48,6 +48,8 @@ def compare(folders):
     """Differences of each run to the first, per measure, with a paired t-test over the common
     queries."""
     from scipy.stats import ttest_rel
+    if len(folders) < 2:
+        raise cli.InputError("--compare: give two or more evaluate.py --out folders")
     runs = {}
     for folder in folders:
         path = os.path.join(folder, "metrics.json")
@@ -59,6 +61,9 @@ def compare(folders):
     base = runs[base_name]
     for name in folders[1:]:
         common = sorted(set(base) & set(runs[name]))
+        if not common:
+            raise cli.InputError(f"--compare: {name} and {base_name} have no query in common (runs "
+                                 f"of other datasets or splits?)")
         print(f"{name} vs {base_name} ({len(common)} common queries)")
         for m in ("ndcg@10", "recall@100", "mrr@10", "map"):
             a = np.array([base[q][m] for q in common])

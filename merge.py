@@ -62,7 +62,8 @@ def main(args):
         merged.load_state_dict({name: value.to(first[name].dtype) for name, value in total.items()})
     tmp = args.out.rstrip("/") + ".tmp"  # written beside, then swapped in whole
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save(tmp)
+    with cli.disk_full_is_an_error(tmp):
+        merged.save(tmp)
     cli.swap_in(tmp, args.out.rstrip("/"))
     shares = ", ".join(f"{w:.3g} x {path}" for w, path in zip(weights, args.models))
     print(f"merged {shares} -> {args.out}")

@@ -156,15 +156,12 @@ def main(args):
     folder = args.emb or args.out + ".emb"
     if not args.emb:
         meta = {"model": args.model, "dataset": source, "split": args.split, "dtype": dtype,
-                **model.settings}
+                **model.settings, "model_fingerprint": retrieval.model_fingerprint(model)}
         retrieval.encode_corpus(model, corpus, folder, meta, 100_000, "fp32", args.batch_size,
                                 rank, world)
     if rank != 0:  # rank 0 searches and writes
         return []
-    docs = retrieval.Shards(folder, corpus, source)
-    if docs.meta["model"] != args.model:
-        raise cli.InputError(f"--emb {args.emb}: an encoding by {docs.meta['model']}, not by "
-                             f"{args.model}")
+    docs = retrieval.Shards(folder, corpus, source, model)  # the same documents, the same model
     q_emb = model.encode([ex["query"] for ex in examples], "query", args.batch_size)
     q_emb = retrieval.unit(torch.from_numpy(q_emb)).numpy()  # (Q, D)
     row_of = {doc_id: i for i, doc_id in enumerate(docs.ids)}

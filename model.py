@@ -178,6 +178,10 @@ def load_encoder(path, config, attention_dropout=None):
     """The transformer of a folder: our Bert where it can run it, else transformers' AutoModel with
     PyTorch's fused attention (SDPA). attention_dropout, if given, replaces the config's dropout on
     attention probabilities."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in weights):
+        raise InputError(f"{path}: no weights in it ({weights[0]} or {weights[2]})")
     if attention_dropout is not None:
         names = [n for n in ("attention_probs_dropout_prob", "attention_dropout")
                  if hasattr(config, n)]
@@ -237,6 +241,8 @@ def with_adapter_merged(path):
 # ----------------------------------------------------------------------------------------- settings
 
 SETTINGS = "biencoder.json"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
 DEFAULTS = {
     "pooling": "cls",
     "normalize": True,
@@ -335,6 +341,9 @@ class BiEncoder(nn.Module):
         if self.settings["separate_towers"]:
             query_config = read_config(query_path)
             self.query_encoder = load_encoder(query_path, query_config, attention_dropout)
+        if not any(os.path.isfile(os.path.join(doc_path, name)) for name in TOKENIZER_FILES):
+            # transformers would build a vocabulary of its special tokens alone, without a word
+            raise InputError(f"{path}: no tokenizer files in it (tokenizer.json, vocab.txt, ...)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(doc_path)
         except (OSError, ValueError) as e:
@@ -344,10 +353,30 @@ class BiEncoder(nn.Module):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.settings["append_eos"]:
             end_with_eos(self.tokenizer, path)
+        self.check_room(path)
         positions = getattr(self.encoder.config, "max_position_embeddings", float("inf"))
         for key in ("query_max_len", "passage_max_len"):
             if self.settings[key] > positions:
                 raise InputError(f"--{key} {self.settings[key]}: {path} has {positions} positions")
+
+    def check_room(self, path):
+        """Settings that would make texts all alike are errors: a prefix or special tokens that
+        leave no room for the text within the max length; CLS pooling on a decoder (every text's
+        first token is the same, and causal attention keeps it from seeing the rest)."""
+        if self.decoder and self.settings["pooling"] == "cls":
+            raise InputError(f"{path}: pooling cls on a decoder gives every text the same vector; "
+                             f"use last (a decoder's default) or mean")
+        special = len(self.tokenizer("")["input_ids"])  # the tokens every text gets
+        for kind, prefix_key, max_key in (("query", "query_prefix", "query_max_len"),
+                                          ("doc", "doc_prefix", "passage_max_len")):
+            taken = len(self.tokenizer(self.settings[prefix_key])["input_ids"])
+            max_len = self.settings[max_key]
+            if max_len <= special:
+                raise InputError(f"--{max_key} {max_len}: the tokenizer adds {special} special "
+                                 f"tokens to every text, which leaves no room for the text")
+            if taken >= max_len:
+                raise InputError(f"--{prefix_key}: {taken} of the {max_len} tokens --{max_key} "
+                                 f"allows, which leaves no room for the text")
 
     @property
     def dim(self):

@@ -9,6 +9,8 @@ Search is exact cosine top-k over the shards, a shard at a time, on the GPU when
 default), or through a faiss index (`--index HNSW32`, `IVF4096,Flat`, ...) for corpora where exact
 search is too slow. The metrics come from pytrec_eval, as MTEB and BEIR compute them.
 """
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -56,14 +58,16 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
     must match the folder's meta.json, if it has one. -> the shards' names."""
     ids = list(corpus)
     path = os.path.join(folder, "meta.json")
-    meta = {**meta, "count": len(ids), "shard_size": shard_size, "store": store}
-    if os.path.isfile(path):
+    meta = {**meta, "count": len(ids), "shard_size": shard_size, "store": store,
+            "documents": documents_fingerprint(corpus)}
+    if os.path.isfile(path):  # a shard is reused only when what made it is what makes this one
         old = data.read_json(path)
-        changed = [key for key in meta if old.get(key) != meta[key]]
+        changed = [key for key in meta if key not in PLACES and old.get(key) != meta[key]]
         if changed:
             key = changed[0]
-            raise InputError(f"{path}: this folder holds an encoding with {key} {old.get(key)!r}, "
-                             f"not {meta[key]!r}; give another folder, or delete it")
+            what = WHAT_CHANGED.get(key, f"with {key} {old.get(key)!r}, not {meta[key]!r}")
+            raise InputError(f"{path}: this folder holds an encoding {what}; its vectors are not "
+                             f"those of this run: give another folder, or delete it")
     elif rank == 0:
         cli.write_json(path, meta)  # before any shard: a rerun can tell whose shards these are
     n_shards = (len(ids) + shard_size - 1) // shard_size
@@ -83,13 +87,39 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
         cli.write_json(path, {**meta, "shards": names})
     return names
 
+# Where an encoding's model and dataset came from: told, not compared (a path can be written two
+# ways, the fingerprints say whether the weights and the documents are the same).
+PLACES = ("model", "dataset", "split")
+WHAT_CHANGED = {"model_fingerprint": "made by another model (other weights or settings)",
+                "documents": "of other documents (the corpus changed since)"}
+
+def fingerprint_update(h, tensor):
+    h.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+    h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+
+def model_fingerprint(model):
+    """A short hash of what makes a model's vectors: its settings and every weight (name, dtype,
+    shape, bytes)."""
+    h = hashlib.blake2b(json.dumps(model.settings, sort_keys=True).encode(), digest_size=8)
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        fingerprint_update(h, tensor)
+    return h.hexdigest()
+
+def documents_fingerprint(corpus):
+    """A short hash of a corpus's ids and texts, in order (every text is read once)."""
+    h = hashlib.blake2b(digest_size=8)
+    for doc_id in tqdm(corpus, desc="fingerprint corpus", unit="doc", mininterval=2, disable=None):
+        h.update(f"{doc_id}\0{corpus[doc_id]}\n".encode())
+    return h.hexdigest()
+
 class Shards:
     """The corpus of an encode.py folder: its ids, and its vectors as memory-mapped matrices, one a
     shard (`mats`, for search), or by row (`rows`, e.g. the positives' vectors in mining)."""
 
-    def __init__(self, folder, corpus, source):
+    def __init__(self, folder, corpus, source, model=None):
         """The encoding in folder, which must be of exactly the documents of corpus (from source,
-        named in the error)."""
+        named in the error), and, if a model is given, made by that model."""
         self.meta = data.read_json(os.path.join(folder, "meta.json"))
         if "shards" not in self.meta:
             raise InputError(f"{folder}: an unfinished encoding; rerun the same encode.py command "
@@ -106,6 +136,14 @@ class Shards:
         if not same:
             raise InputError(f"{folder}: an encoding of {self.meta['dataset']}'s documents, not of "
                              f"{source}'s")
+        if self.meta.get("documents") != documents_fingerprint(corpus):
+            raise InputError(f"{folder}: an encoding of other texts than {source}'s (the same ids, "
+                             f"other documents), or made before encodings had fingerprints; encode "
+                             f"again")
+        if model is not None and self.meta.get("model_fingerprint") != model_fingerprint(model):
+            raise InputError(f"{folder}: an encoding made by another model (other weights or "
+                             f"settings) than {model.sources['doc']}; encode with it, or give its "
+                             f"--model")
 
     def rows(self, rows):
         """The vectors of these rows (of all shards one after the other), float32 (len(rows), D)."""

@@ -20,7 +20,10 @@ def load_teacher(path, device, dtype):
                          f"({str(e).splitlines()[0]})") from None
     architectures = config.architectures or []
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
-    if classifier and config.num_labels == 1:
+    if classifier and config.num_labels != 1:  # e.g. a 2-label entailment classifier
+        raise InputError(f"--teacher {path}: a classifier with {config.num_labels} labels; a "
+                         f"teacher gives one score a pair (a cross-encoder with num_labels 1)")
+    if classifier:
         return cross_encoder(path, device, dtype)
     return bi_encoder(path, device, dtype)
 

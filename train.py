@@ -20,8 +20,8 @@ negative. With --chunk_size the batch is embedded by gradient caching (Gao et al
 grows with the chunk, not the batch, and the gradient is exactly that of the whole batch at once.
 
 The defaults are the measured recipes of experiments/ (docs/quality.md): batch 32, 2 epochs, lr 1e-4
-with 10% warmup, temperature 0.05, queries cut at 64 tokens, groups of 4 when the data has mined
-negatives (experiments/scifact.sh, 3 epochs there) and in-batch negatives only when it has none
+with 10% warmup, temperature 0.05, groups of 4 when the data has mined negatives
+(experiments/scifact.sh, 3 epochs there) and in-batch negatives only when it has none
 (experiments/nfcorpus.sh, on NFCorpus's train qrels, the default data). BGE's own setting is
 --batch_size 1024 --temp 0.02 on a GPU.
 
@@ -69,9 +69,9 @@ parser.add_argument("--mix", default="size", choices=["size", "uniform"],
 parser.add_argument("--group_size", type=cli.positive,
                     help="Documents a query: 1 positive + GROUP_SIZE - 1 of its negatives. "
                          "Default: 4 when the data has negatives (the SciFact recipe), else 1.")
-parser.add_argument("--query_max_len", type=cli.positive, default=64,
-                    help="Cut queries at this many tokens (the recipes' 64 holds every SciFact and "
-                         "NFCorpus query).")
+parser.add_argument("--query_max_len", type=cli.positive,
+                    help="Cut queries (with their instruction) at this many tokens. Default: the "
+                         "model's (256 for all-MiniLM-L6-v2; batches pad to their longest text).")
 parser.add_argument("--passage_max_len", type=cli.positive,
                     help="Cut documents at this many tokens. Default: the model's (256 for "
                          "all-MiniLM-L6-v2).")
@@ -196,10 +196,17 @@ def load_examples(args):
     model loads -> (examples, each source's count, whether every one has ids). Sets args.group_size
     where it was left to the data."""
     sources = args.train_data or [args.dataset]
+    twice = [path for path in sources if sources.count(path) > 1]
+    if twice:
+        raise cli.InputError(f"--train_data names {twice[0]} twice; give each file once")
     if args.train_data:
         parts = [data.read_train_jsonl(path) for path in args.train_data]
     else:
         parts = [data.examples_from_qrels(*data.load_dataset(args.dataset, args.split))]
+    for source, part in zip(sources, parts):
+        if not part:
+            raise cli.InputError(f"{source}: no training queries with a positive (are its qrels "
+                                 f"for this split empty?)")
     examples = [ex for part in parts for ex in part]
     no_negs = sum(not ex["neg"] for ex in examples)
     if args.group_size is None:
@@ -212,6 +219,9 @@ def load_examples(args):
     if few:
         print(f"{few} queries have fewer than {args.group_size - 1} "
               f"negatives: theirs repeat within a group")
+    if args.distill and args.group_size == 1:  # a group of one document: nothing to rank, no margin
+        raise cli.InputError(f"--distill {args.distill} learns the teacher's ranking within each "
+                             f"query's group; it needs --group_size 2 or more")
     if args.distill and not all("pos_scores" in ex and "neg_scores" in ex for ex in examples):
         raise cli.InputError("--distill needs pos_scores and neg_scores "
                              "in every line (score.py writes them)")
@@ -409,13 +419,18 @@ def save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, ran
     if rank == 0:
         final = os.path.join(args.out_dir, "model")
         shutil.rmtree(final + ".tmp", ignore_errors=True)
-        model.save(final + ".tmp")
-        cli.swap_in(final + ".tmp", final)
+        with cli.disk_full_is_an_error(final + ".tmp"):
+            model.save(final + ".tmp")
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                  "args": vars(args)}
         path = os.path.join(args.out_dir, "train_state.pt")
-        cli.atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+        try:  # both written before either replaces the old: a full disk leaves the old pair whole
+            cli.atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+        except cli.InputError:
+            shutil.rmtree(final + ".tmp", ignore_errors=True)
+            raise
+        cli.swap_in(final + ".tmp", final)
     if world > 1:
         dist.barrier()  # the others wait here, not inside the next step's collectives
 
@@ -492,6 +507,11 @@ def load_eval_set(args):
         if dev in ir_datasets.registry and dev != args.dataset:
             ref = dev
     if ref in (None, "none"):
+        given = [flag for flag, value in (("--eval_queries", args.eval_queries),
+                                          ("--eval_every", args.eval_every),
+                                          ("--eval_split", args.eval_split)) if value]
+        if given:
+            raise cli.InputError(f"{given[0]} without an evaluation set: give --eval_dataset too")
         return None
     measures = retrieval.evaluate_run({"q": {"d": 1.0}}, {"q": {"d": 1}})[0]  # every measure's name
     if args.eval_metric not in measures:
@@ -514,7 +534,8 @@ def evaluate(model, eval_set, step, args, dtype, log, rank, world):
         best = os.path.join(args.out_dir, "best")
         tmp = os.path.join(args.out_dir, "best.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save(tmp)
+        with cli.disk_full_is_an_error(tmp):
+            model.save(tmp)
         candidate = for_inference(tmp, next(model.parameters()).device, dtype)
         means = retrieval.evaluate_model(candidate, *eval_set)[1]
         log.write(json.dumps({"step": step, "eval": means}) + "\n")

@@ -113,6 +113,9 @@ def test_backend_and_gpu_follow_the_device(monkeypatch):
     import cli
     calls = []
     monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "1")
+    torchrun = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device",
                         lambda device: calls.append(("set_device", str(device))))

@@ -165,9 +165,15 @@ def test_limits_of_the_model_and_the_embeddings(tmp_path, tiny_model):
     with pytest.raises(cli.InputError, match="cannot write .*a_file"):
         run("encode", "--model", tiny_model, "--dataset", tmp_path / "b", "--split", "test",
             "--out", tmp_path / "a_file")
-    with pytest.raises(cli.InputError, match="this folder holds an encoding with dataset"):
-        beir(tmp_path / "c")
-        run("encode", "--model", tiny_model, "--dataset", tmp_path / "c", "--split", "test",
+    # the same documents from another folder: the same vectors, so the encoding is reused; other
+    # documents under the same ids are refused
+    beir(tmp_path / "c")
+    run("encode", "--model", tiny_model, "--dataset", tmp_path / "c", "--split", "test",
+        "--out", tmp_path / "e")
+    with pytest.raises(cli.InputError, match="this folder holds an encoding of other documents"):
+        edited = [{"_id": "d1", "text": "doc one"}, {"_id": "d2", "text": "new"}]
+        beir(tmp_path / "d", corpus=edited)
+        run("encode", "--model", tiny_model, "--dataset", tmp_path / "d", "--split", "test",
             "--out", tmp_path / "e")
 
 
