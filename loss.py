@@ -69,6 +69,25 @@ def accuracy(q, d, group_size, offset=0, rows=1024):
                       for i in range(0, len(q), rows)])
     return (best == targets).float().mean().item()
 
+@torch.no_grad()
+def per_query(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, rows=1024):
+    """Each query's own InfoNCE loss and the rank of its positive among the batch's documents (1:
+    the best; false negatives left out, as in the loss), rows queries at a time -> (losses (B,),
+    ranks (B,)), for train.py --example_log."""
+    losses = []
+    ranks = []
+    targets = targets_of(q, group_size, offset)
+    for i in range(0, len(q), rows):
+        scores = q[i:i + rows].float() @ d.float().T / temp  # (r, N)
+        target = targets[i:i + rows]
+        if d_keys is not None:
+            mask = false_negative_mask(d_keys, q_pos_keys[i:i + rows], target)
+            scores = scores.masked_fill(mask, float("-inf"))
+        losses.append(F.cross_entropy(scores, target, reduction="none"))
+        own = scores[torch.arange(len(target)), target]
+        ranks.append((scores > own[:, None]).sum(1) + 1)
+    return torch.cat(losses), torch.cat(ranks)
+
 # ------------------------------------------------------------------------------------- distillation
 #
 # With a teacher's scores of each query's own group (score.py writes them as pos_scores and

@@ -68,8 +68,8 @@ def make_batches(model, examples, sizes, use_ids, args, steps, rank, world):
         d_keys      the keys of the global batch's documents (B * G,), for the false-negative mask
         q_pos_keys  the keys of each of this rank's queries' positives (b, P), padded with -1
         teacher     the data's teacher scores of each group (b, G), with --distill
-    and where it stands: step, epoch, source (the file it came from) and offset (this rank's first
-    query)."""
+    and where it stands: step, epoch, source (the file it came from), offset (this rank's first
+    query) and examples (the numbers of this rank's examples)."""
     b = args.batch_size // world
     sources = args.train_data or [args.dataset]
 
@@ -80,7 +80,7 @@ def make_batches(model, examples, sizes, use_ids, args, steps, rank, world):
     def make(step):
         epoch, i = divmod(step, len(plan(0)))
         source, batch = plan(epoch)[i]
-        queries, docs, d_keys, pos_keys, teacher = [], [], [], [], []
+        queries, docs, d_keys, pos_keys, teacher, mine = [], [], [], [], [], []
         for n, e in enumerate(batch):
             ex = examples[e]
             p, negs = sample_group(ex, args.group_size, args.seed, epoch, e)
@@ -89,6 +89,7 @@ def make_batches(model, examples, sizes, use_ids, args, steps, rank, world):
             d_keys += [pk[p]] + [nk[j] for j in negs]
             if n // b != rank:  # another rank's share of the global batch
                 continue
+            mine.append(e)
             queries.append(ex.get("prompt", "") + ex["query"])
             docs += [ex["pos"][p]] + [ex["neg"][j] for j in negs]
             pos_keys.append(pk)
@@ -96,6 +97,7 @@ def make_batches(model, examples, sizes, use_ids, args, steps, rank, world):
                 teacher.append([ex["pos_scores"][p]] + [ex["neg_scores"][j] for j in negs])
         width = max(len(k) for k in pos_keys)
         return {"step": step, "epoch": epoch, "source": sources[source], "offset": rank * b,
+                "examples": mine,
                 "q": model.tokenize(queries, "query"),
                 "d": model.tokenize(docs, "doc"),
                 "d_keys": torch.tensor(d_keys),

@@ -54,7 +54,7 @@ import lora
 import retrieval
 import sampler
 from fused_loss import fused_info_nce
-from loss import accuracy, distill_kl, gather, info_nce, margin_mse
+from loss import accuracy, distill_kl, gather, info_nce, margin_mse, per_query
 from model import DTYPES, BiEncoder, for_inference
 
 parser = cli.parser(__doc__, model=None, dataset="beir/nfcorpus/train", split=None, dtype=None,
@@ -163,6 +163,10 @@ parser.add_argument("--save_every", type=cli.count, default=0,
                     help="Write a checkpoint every N steps (0: only at the end).")
 parser.add_argument("--log_every", type=cli.positive, default=1,
                     help="Print a log line every N steps.")
+parser.add_argument("--example_log", action="store_true",
+                    help="Also write out_dir/examples.jsonl: a line a train query an epoch, with "
+                         "its loss and the rank of its positive in the batch (which queries stay "
+                         "hard).")
 parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"],
                     help="Continue --out_dir's checkpoint exactly (auto: only if there is one).")
 
@@ -177,7 +181,7 @@ MUST_MATCH = ("model", "dataset", "split", "train_data", "mix", "group_size", "q
               "seed", "dtype", "eval_dataset", "eval_split", "eval_queries", "eval_metric",
               "data_hash")
 MAY_CHANGE = ("device", "compile", "grad_checkpoint", "loss", "chunk_size", "eval_every",
-              "save_every", "log_every")
+              "save_every", "log_every", "example_log")
 
 def check_flags(args, world):
     """The checks of flags that need no data: each a one-line error before any work."""
@@ -463,12 +467,15 @@ def load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, wor
     # else (another number of processes) dropout goes on from this run's seed
     if len(state["rng"]) == world:
         set_rng_state(state["rng"][rank], device)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if rank == 0 and os.path.isfile(log_path):
-        with open(log_path) as f:  # a kill may have cut the last line short
-            rows = [line for line in f
-                    if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
-        cli.atomic_write(log_path, lambda f: f.writelines(rows))
+    # the logs keep their lines up to the saved step: the later ones are redone
+    for name in ("log.jsonl", "examples.jsonl"):
+        log_path = os.path.join(args.out_dir, name)
+        if rank == 0 and os.path.isfile(log_path):
+            with open(log_path) as f:  # a kill may have cut the last line short
+                rows = [line for line in f
+                        if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
+            cli.atomic_write(log_path, lambda f: f.writelines(rows))
+    if rank == 0:
         print(f"resumed {path} after step {state['step']}")
     return state["step"]
 
@@ -604,6 +611,40 @@ def log_row(batch, loss, acc, lr, grad_norm, replay_err, seconds, args, device, 
             "q_per_s": args.batch_size / seconds, "tokens_per_s": tokens / seconds,
             "seconds": seconds, "mem_gb": mem_gb}
 
+def open_logs(args, start, rank):
+    """Rank 0's log.jsonl, and with --example_log examples.jsonl: appended to when resuming, else
+    started afresh. -> (log, example log), None where there is none."""
+    if rank != 0:
+        return None, None
+    mode = "a" if start else "w"
+    log = open(os.path.join(args.out_dir, "log.jsonl"), mode)
+    example_log = None
+    if args.example_log:
+        example_log = open(os.path.join(args.out_dir, "examples.jsonl"), mode)
+    return log, example_log
+
+def log_examples(example_log, q, d, batch, examples, args, world):
+    """--example_log: each query of the batch, its loss and the rank of its positive among all the
+    batch's documents, gathered from every rank and written by rank 0 (a line a query)."""
+    if not args.example_log:
+        return
+    keys = ()
+    if args.mask_false_negatives:
+        keys = (batch["d_keys"].to(q.device), batch["q_pos_keys"].to(q.device))
+    losses, ranks = per_query(q, gather(d), args.temp, args.group_size, batch["offset"], *keys)
+    rows = []
+    for e, loss, rank in zip(batch["examples"], losses.tolist(), ranks.tolist()):
+        qid = examples[e].get("qid", str(e))
+        rows.append({"step": batch["step"] + 1, "epoch": batch["epoch"], "example": e, "qid": qid,
+                     "loss": loss, "rank": rank})
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, rows)
+        rows = [row for part in every for row in part]
+    if example_log is not None:
+        example_log.writelines(json.dumps(row) + "\n" for row in rows)
+        example_log.flush()
+
 def write_log(log, row, bar, log_every, total_steps):
     """Rank 0: the step's line in log.jsonl, and every log_every steps (and at the last) on the
     screen: step | loss | in-batch accuracy | learning rate | queries/s | tokens/s | peak memory."""
@@ -663,13 +704,10 @@ def main(args):
     if rank == 0:
         print(f"{len(examples)} queries | group {args.group_size} | batch {args.batch_size} over "
               f"{world} process(es) | {args.batch_size * args.group_size - 1} negatives a query | "
-              f"{trainable(model)} | "
-              f"chunk {chunk_size or 'off'} | {dtype} on {device} | steps "
+              f"{trainable(model)} | chunk {chunk_size or 'off'} | {dtype} on {device} | steps "
               f"{start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
     stop = watch_signals()
-    log = None
-    if rank == 0:  # a fresh run starts a fresh log
-        log = open(os.path.join(args.out_dir, "log.jsonl"), "a" if start else "w")
+    log, example_log = open_logs(args, start, rank)
     if eval_set and not start:
         evaluate(model, eval_set, 0, args, dtype, log, rank, world)
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
@@ -694,6 +732,7 @@ def main(args):
         acc = accuracy(q, gather(d), args.group_size, batch["offset"])
         loss, acc = mean_over_ranks([loss.item(), acc], device, world)
         check_finite(loss, step)
+        log_examples(example_log, q, d, batch, examples, args, world)
 
         # clip and step
         scaler.unscale_(optimizer)
