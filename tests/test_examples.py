@@ -1,14 +1,10 @@
 """train.py --example_log: a line a train query an epoch, whose losses average to the step's logged
 loss, and which a run killed and resumed writes exactly as an uninterrupted run."""
 import json
-import os
-import signal
-import subprocess
 
 import pytest
 
-from conftest import ROOT
-from test_resume import cmd, wait_for_steps
+from test_resume import killed_and_resumed
 from test_train import make_train_file, run
 
 
@@ -37,17 +33,5 @@ def test_each_query_once_an_epoch_and_the_mean_is_the_step_loss(tiny_model, trai
 
 
 def test_example_log_resumes_exactly(tiny_model, train_file, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    extra = ["--example_log"]
-    subprocess.run(cmd(tiny_model, train_file, tmp_path / "full", *extra), cwd=ROOT, check=True,
-                   capture_output=True, env=env)
-    killed = tmp_path / "killed"
-    p = subprocess.Popen(cmd(tiny_model, train_file, killed, *extra), cwd=ROOT,
-                         stderr=subprocess.PIPE, text=True, env=env)
-    wait_for_steps(killed, 4, p)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    r = subprocess.run(cmd(tiny_model, train_file, killed, *extra, "--resume"), cwd=ROOT,
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert read(killed / "examples.jsonl") == read(tmp_path / "full" / "examples.jsonl")
+    full, killed = killed_and_resumed(tiny_model, train_file, tmp_path, ["--example_log"], 4)
+    assert read(killed / "examples.jsonl") == read(full / "examples.jsonl")

@@ -4,17 +4,15 @@ without LoRA and gradient checkpointing (exact replay, cached equal to uncached,
 change); the merged checkpoint in transformers, sentence-transformers and peft; resume bit-identical
 with LoRA."""
 import os
-import signal
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_tiny_decoder
+from conftest import make_tiny_decoder
 from model import BiEncoder
-from test_resume import cmd, final_weights, wait_for_steps
+from test_resume import final_weights, killed_and_resumed
 from test_train import flat, make_train_file, run
 
 pytest.importorskip("peft")
@@ -152,20 +150,8 @@ def test_lora_checkpoint_in_transformers_sentence_transformers_and_peft(tiny_lla
 
 
 def test_lora_resumes_bit_identically_after_sigkill(tiny_model, train_file, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    extra = ["--lora_rank", 4]
-    subprocess.run(cmd(tiny_model, train_file, tmp_path / "full", *extra), cwd=ROOT, check=True,
-                   capture_output=True, env=env)
-    killed = tmp_path / "killed"
-    p = subprocess.Popen(cmd(tiny_model, train_file, killed, *extra), cwd=ROOT,
-                         stderr=subprocess.PIPE, text=True, env=env)
-    wait_for_steps(killed, 3, p)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    r = subprocess.run(cmd(tiny_model, train_file, killed, *extra, "--resume"), cwd=ROOT,
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.equal(final_weights(tmp_path / "full"), final_weights(killed))
+    full, killed = killed_and_resumed(tiny_model, train_file, tmp_path, ["--lora_rank", 4], 3)
+    assert torch.equal(final_weights(full), final_weights(killed))
 
 
 def test_every_stage_takes_the_adapter_as_the_model(tiny_llama, tiny_model, train_file, tmp_path):

@@ -40,6 +40,27 @@ def wait_for_steps(out_dir, n, proc, timeout=240):
     raise TimeoutError
 
 
+def killed_and_resumed(model, train_file, tmp_path, extra, kill_after):
+    """The run of cmd(...) with extra flags twice: uninterrupted in tmp_path/full, and killed with
+    SIGKILL after kill_after steps then resumed in tmp_path/killed -> (full, killed) folders."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    killed = tmp_path / "killed"
+    subprocess.run(cmd(model, train_file, full, *extra), cwd=ROOT, check=True, capture_output=True,
+                   env=env)
+    p = subprocess.Popen(cmd(model, train_file, killed, *extra), cwd=ROOT, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    wait_for_steps(killed, kill_after, p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    steps = len((full / "log.jsonl").read_text().splitlines())
+    assert len((killed / "log.jsonl").read_text().splitlines()) < steps, "finished before the kill"
+    r = subprocess.run(cmd(model, train_file, killed, *extra, "--resume"), cwd=ROOT,
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return full, killed
+
+
 def final_weights(out_dir):
     return flat(torch.load(out_dir / "train_state.pt", weights_only=False)["model"])
 

@@ -2,9 +2,6 @@
 sentence-transformers as one model, resumed exactly) and Matryoshka embeddings (the loss over
 prefixes, by hand; evaluate.py --dim)."""
 import argparse
-import os
-import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -17,9 +14,9 @@ import encode
 import evaluate
 import retrieval
 import train
-from conftest import ROOT, scifact_subset
+from conftest import scifact_subset
 from model import BiEncoder
-from test_resume import cmd, final_weights, wait_for_steps
+from test_resume import final_weights, killed_and_resumed
 from test_train import make_train_file, run
 
 
@@ -87,21 +84,8 @@ def test_separate_towers_in_encode_and_evaluate(tiny_model, train_file, tmp_path
 
 
 def test_separate_towers_resume_exactly_after_sigkill(tiny_model, train_file, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    extra = ["--separate_towers"]
-    subprocess.run(cmd(tiny_model, train_file, tmp_path / "full", *extra), cwd=ROOT, check=True,
-                   capture_output=True, env=env)
-    killed = tmp_path / "killed"
-    p = subprocess.Popen(cmd(tiny_model, train_file, killed, *extra), cwd=ROOT,
-                         stderr=subprocess.PIPE, text=True, env=env)
-    wait_for_steps(killed, 3, p)  # 3 steps an epoch, 6 in all
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert len((killed / "log.jsonl").read_text().splitlines()) < 6, "finished before it was killed"
-    r = subprocess.run(cmd(tiny_model, train_file, killed, *extra, "--resume"), cwd=ROOT,
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.equal(final_weights(tmp_path / "full"), final_weights(killed))
+    full, killed = killed_and_resumed(tiny_model, train_file, tmp_path, ["--separate_towers"], 3)
+    assert torch.equal(final_weights(full), final_weights(killed))
 
 # ---------------------------------------------------------------------------------- Matryoshka
 
