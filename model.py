@@ -335,15 +335,15 @@ class BiEncoder(nn.Module):
             raise InputError(f"{path}: a checkpoint with separate towers; it cannot become one "
                              f"shared tower")
         self.sources = {"query": query_path, "doc": doc_path}  # where each tower came from
+        if not any(os.path.isfile(os.path.join(doc_path, name)) for name in TOKENIZER_FILES):
+            # transformers would build a vocabulary of its special tokens alone, without a word
+            raise InputError(f"{path}: no tokenizer files in it (tokenizer.json, vocab.txt, ...)")
         # documents, and queries when shared
         self.encoder = load_encoder(doc_path, config, attention_dropout)
         self.query_encoder = None
         if self.settings["separate_towers"]:
             query_config = read_config(query_path)
             self.query_encoder = load_encoder(query_path, query_config, attention_dropout)
-        if not any(os.path.isfile(os.path.join(doc_path, name)) for name in TOKENIZER_FILES):
-            # transformers would build a vocabulary of its special tokens alone, without a word
-            raise InputError(f"{path}: no tokenizer files in it (tokenizer.json, vocab.txt, ...)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(doc_path)
         except (OSError, ValueError) as e:
@@ -367,8 +367,8 @@ class BiEncoder(nn.Module):
             raise InputError(f"{path}: pooling cls on a decoder gives every text the same vector; "
                              f"use last (a decoder's default) or mean")
         special = len(self.tokenizer("")["input_ids"])  # the tokens every text gets
-        for kind, prefix_key, max_key in (("query", "query_prefix", "query_max_len"),
-                                          ("doc", "doc_prefix", "passage_max_len")):
+        for prefix_key, max_key in (("query_prefix", "query_max_len"),
+                                    ("doc_prefix", "passage_max_len")):
             taken = len(self.tokenizer(self.settings[prefix_key])["input_ids"])
             max_len = self.settings[max_key]
             if max_len <= special:

@@ -572,7 +572,6 @@ def load_model(args, device, dtype, world):
     if max(args.mrl_dims or [0]) > model.dim:
         raise cli.InputError(f"--mrl_dims {max(args.mrl_dims)}: the model's embeddings have "
                              f"{model.dim} dimensions")
-    # the Matryoshka prefixes are re-normalised like the whole
     if args.lora_rank is None:  # FlagEmbedding trains a decoder LLM through LoRA by default
         args.lora_rank = 64 if model.decoder else 0
     if args.lora_rank:
@@ -582,6 +581,7 @@ def load_model(args, device, dtype, world):
                 lora.frozen_to(tower, torch.bfloat16)
     if args.grad_checkpoint:
         model.grad_checkpoint()
+    # the Matryoshka prefixes are re-normalised like the whole embedding
     args.normalize = model.settings["normalize"]
     if world > 1:  # a weight initialised at load (a new head) must start equal on every rank
         for tensor in model.state_dict().values():
