@@ -61,7 +61,7 @@ def batch_plan(sizes, batch_size, seed, epoch, uniform=False):
         rng.shuffle(plan)
     return plan
 
-def make_batches(model, examples, sizes, use_ids, args, steps, rank, world):
+def make_batches(model, versions, sizes, use_ids, args, steps, rank, world):
     """The batch of each of steps, as a dict, made one step ahead in a background thread:
         q, d        this rank's queries (b,) and their documents (b * G,) tokenised, laid out
                     per query [p_0, n_0,1 .. n_0,G-1, p_1, ...]
@@ -69,7 +69,11 @@ def make_batches(model, examples, sizes, use_ids, args, steps, rank, world):
         q_pos_keys  the keys of each of this rank's queries' positives (b, P), padded with -1
         teacher     the data's teacher scores of each group (b, G), with --distill
     and where it stands: step, epoch, source (the file it came from), offset (this rank's first
-    query) and examples (the numbers of this rank's examples)."""
+    query) and examples (the numbers of this rank's examples).
+    versions: {j: the examples} with, beside the train data as it came (j = 0), the negatives mined
+    again after step j (train.py --remine_every), which the dict gets while the steps run: the batch
+    of step i + 1 (step i, 0-based) uses the newest with j < i, the only ones that can be there when
+    it is made, one step ahead; a resumed run so makes the batches of an uninterrupted one."""
     b = args.batch_size // world
     sources = args.train_data or [args.dataset]
 
@@ -78,6 +82,7 @@ def make_batches(model, examples, sizes, use_ids, args, steps, rank, world):
         return batch_plan(sizes, args.batch_size, args.seed, epoch, args.mix == "uniform")
 
     def make(step):
+        examples = versions[max(j for j in versions if j < step or j == 0)]
         epoch, i = divmod(step, len(plan(0)))
         source, batch = plan(epoch)[i]
         queries, docs, d_keys, pos_keys, teacher, mine = [], [], [], [], [], []

@@ -34,6 +34,7 @@ Writes out_dir/model/ (Hugging Face + sentence-transformers files), out_dir/trai
 (everything needed to resume exactly), out_dir/log.jsonl (one line a step and one an evaluation) and
 out_dir/train.png. SIGTERM or SIGINT: finish the step, save, exit 0.
 """
+import argparse
 import functools
 import hashlib
 import json
@@ -51,6 +52,7 @@ from tqdm import tqdm
 import cli
 import data
 import lora
+import negatives
 import retrieval
 import sampler
 from fused_loss import fused_info_nce
@@ -144,6 +146,19 @@ parser.add_argument("--max_grad_norm", type=cli.nonnegative, default=1.0,
 parser.add_argument("--epochs", type=cli.positive, default=2, help="Passes over the train data.")
 parser.add_argument("--max_steps", type=cli.count, default=0,
                     help="Stop after this many steps (0: after all epochs).")
+# hard negatives mined again while training
+parser.add_argument("--remine_every", type=cli.count, default=0,
+                    help="Every N steps, mine each query's hard negatives again with the weights "
+                         "of that step (ANCE-style; from --dataset's corpus, as mine.py does); "
+                         "they are used from two steps on (the next batch is already made). 0: "
+                         "off.")
+parser.add_argument("--remine_range", type=cli.int_range, default="10-100",
+                    help="With --remine_every: the rank window to sample negatives from.")
+parser.add_argument("--remine_num_neg", type=cli.positive, default=7,
+                    help="With --remine_every: negatives a query.")
+parser.add_argument("--remine_margin", type=cli.share, default=0.95,
+                    help="With --remine_every: keep a negative only if its score is below MARGIN x "
+                         "the query's lowest positive score (0: off).")
 # evaluation while training
 parser.add_argument("--eval_dataset",
                     help="A dataset to evaluate on while training. Default: --dataset's dev split "
@@ -176,7 +191,8 @@ parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"
 MUST_MATCH = ("model", "dataset", "split", "train_data", "mix", "group_size", "query_max_len",
               "passage_max_len", "mask_false_negatives", "pooling", "query_prefix", "doc_prefix",
               "attention_dropout", "separate_towers", "lora_rank", "lora_alpha", "lora_dropout",
-              "lora_targets", "temp", "mrl_dims", "distill", "teacher_temp",
+              "lora_targets", "remine_every", "remine_range", "remine_num_neg", "remine_margin",
+              "temp", "mrl_dims", "distill", "teacher_temp",
               "batch_size", "lr", "weight_decay", "warmup", "max_grad_norm", "epochs", "max_steps",
               "seed", "dtype", "eval_dataset", "eval_split", "eval_queries", "eval_metric",
               "data_hash")
@@ -192,6 +208,9 @@ def check_flags(args, world):
         raise cli.InputError(f"--mrl_dims {' '.join(map(str, args.mrl_dims))}: a dimension twice")
     if args.teacher_temp and args.distill != "kl":
         raise cli.InputError("--teacher_temp applies to --distill kl only")
+    if args.remine_every and args.distill:  # the teacher's scores are of the negatives it scored
+        raise cli.InputError("--remine_every replaces the negatives that --distill's scores are "
+                             "of; use one or the other")
 
 # --------------------------------------------------------------------------------------------- data
 
@@ -238,6 +257,77 @@ def load_examples(args):
     args.data_hash = hashlib.blake2b(text, digest_size=8).hexdigest()
     use_ids = all("pos_ids" in ex and ("neg_ids" in ex or not ex["neg"]) for ex in examples)
     return examples, [len(part) for part in parts], use_ids
+
+def remine_corpus(args, examples, use_ids):
+    """--remine_every: the corpus to mine from (--dataset's), which must hold every positive, by id.
+    """
+    if not args.remine_every:
+        return None
+    if not use_ids:
+        raise cli.InputError("--remine_every needs the positives' ids (pos_ids) in every train "
+                             "line")
+    corpus = data.load_dataset(args.dataset, args.split)[0]
+    for ex in examples:
+        for doc_id in ex["pos_ids"]:
+            if doc_id not in corpus:
+                raise cli.InputError(f"--remine_every: positive {doc_id!r} of query "
+                                     f"{ex.get('qid', ex['query'])!r} is not in {args.dataset}'s "
+                                     f"corpus; give as --dataset the one the train data comes from")
+    return corpus
+
+def mined_path(args, step):
+    return os.path.join(args.out_dir, f"mined.{step:07d}.jsonl")
+
+def with_negatives(examples, path):
+    """The examples with the negatives of a mined.NNNNNNN.jsonl file (one line each, in order); a
+    query none of whose candidates passed the filters keeps the negatives it came with."""
+    mined = [row for _, row in data.read_jsonl(path)]
+    return [{**ex, **row} if row["neg"] else ex for ex, row in zip(examples, mined)]
+
+def mined_versions(args, examples, start, rank):
+    """{step: examples} for sampler.make_batches: the train data, and the negatives re-mined after
+    each step up to start (the saved step) that are on disk. Files of later steps (written after the
+    checkpoint a resume starts from) go; a fresh run removes all."""
+    versions = {0: examples}
+    for name in sorted(os.listdir(args.out_dir)):
+        if not (name.startswith("mined.") and name.endswith(".jsonl")):
+            continue
+        step = int(name.split(".")[1])
+        if step <= start:
+            versions[step] = with_negatives(examples, os.path.join(args.out_dir, name))
+        elif rank == 0:
+            os.remove(os.path.join(args.out_dir, name))
+    return versions
+
+def remine(model, corpus, versions, step, total_steps, args, device, rank, world):
+    """--remine_every: after this step, each query's negatives mined again by the model as it is now
+    (in eval mode: no dropout, no random numbers drawn), written to out_dir/mined.NNNNNNN.jsonl
+    before the step's checkpoint, and added to versions. Not after the last step: nothing would use
+    them."""
+    if not args.remine_every or step % args.remine_every or step == total_steps:
+        return
+    folder = os.path.join(args.out_dir, "remine.tmp")  # the encoding, sharded (claim cleans it up)
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    model.eval()
+    meta = {"model": f"{args.out_dir} at step {step}", "dataset": args.dataset, **model.settings,
+            "model_fingerprint": retrieval.model_fingerprint(model)}
+    retrieval.encode_corpus(model, corpus, folder, meta, 100_000, "fp32", None, rank, world)
+    if rank == 0:
+        settings = argparse.Namespace(range=args.remine_range, num_neg=args.remine_num_neg,
+                                      margin=args.remine_margin, sampling="random",
+                                      seed=f"{args.seed}/{step}", consistency_k=0)
+        docs = retrieval.Shards(folder, corpus, args.dataset, model)
+        rows, _ = negatives.mine(model, docs, corpus, versions[0], settings, device=device)
+        keep = ("neg", "neg_ids", "neg_scores")
+        cli.write_jsonl(mined_path(args, step), [{k: row[k] for k in keep} for row in rows])
+        shutil.rmtree(folder)
+    if world > 1:
+        dist.barrier()
+    model.train()
+    versions[step] = with_negatives(versions[0], mined_path(args, step))
 
 # --------------------------------------------------------------------------------------------- loss
 
@@ -681,6 +771,7 @@ def main(args):
     # held until the process ends
     lock = cli.claim(args.out_dir) if rank == 0 else None  # noqa: F841
     examples, sizes, use_ids = load_examples(args)
+    corpus = remine_corpus(args, examples, use_ids)  # None without --remine_every
     eval_set = load_eval_set(args)
     steps_per_epoch = len(sampler.batch_plan(sizes, args.batch_size, args.seed, 0,
                                              args.mix == "uniform"))
@@ -708,11 +799,12 @@ def main(args):
               f"{start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
     stop = watch_signals()
     log, example_log = open_logs(args, start, rank)
+    versions = mined_versions(args, examples, start, rank)
     if eval_set and not start:
         evaluate(model, eval_set, 0, args, dtype, log, rank, world)
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
     steps = range(start, total_steps)
-    for batch in sampler.make_batches(model, examples, sizes, use_ids, args, steps, rank, world):
+    for batch in sampler.make_batches(model, versions, sizes, use_ids, args, steps, rank, world):
         t0 = time.time()
         step = batch["step"] + 1
 
@@ -753,6 +845,7 @@ def main(args):
         # evaluate, and save
         if eval_set and (step == total_steps or (args.eval_every and step % args.eval_every == 0)):
             evaluate(model, eval_set, step, args, dtype, log, rank, world)
+        remine(model, corpus, versions, step, total_steps, args, device, rank, world)
         stopping = any_rank(stop["signal"] is not None, device, world)
         if step == total_steps or stopping or (args.save_every and step % args.save_every == 0):
             save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, rank, world)

@@ -3,7 +3,7 @@ hard/random mix."""
 import argparse
 import random
 
-import mine
+import negatives
 
 
 def args(**kw):
@@ -21,7 +21,7 @@ POS = {"p": 0.8}
 
 
 def select(**kw):
-    return mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(**kw),
+    return negatives.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(**kw),
                                  random.Random(0), SCORES.get)
 
 
@@ -50,7 +50,7 @@ def test_short_window_is_topped_up_at_random():
 
 
 def test_seeded_random_sampling():
-    a, b = (mine.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS),
+    a, b = (negatives.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS),
                                   args(sampling="random"), random.Random(5), SCORES.get)
             for _ in range(2))
     assert a == b
@@ -59,7 +59,8 @@ def test_seeded_random_sampling():
 def test_relative_margin_with_a_negative_floor():
     # the lowest positive scores below zero: 0.95 x -0.2 = -0.19 would keep higher scores
     pos = {"p": -0.2}
-    chosen, counts = mine.select_negatives([("a", -0.1), ("b", -0.3)], "the query", pos, CORPUS, [],
-                                           args(margin=0.95), random.Random(0),
-                                           {"a": -0.1, "b": -0.3}.get)
+    window = [("a", -0.1), ("b", -0.3)]
+    chosen, counts = negatives.select_negatives(window, "the query", pos, CORPUS, [],
+                                                args(margin=0.95), random.Random(0),
+                                                {"a": -0.1, "b": -0.3}.get)
     assert [d for d, _ in chosen] == ["b"] and counts["margin"] == 1
