@@ -284,7 +284,8 @@ def llm(args, cuda, tmp):
     cli.write_jsonl(train_file, rows)
     flags = ["--model", folder, "--train_data", train_file, "--batch_size", batch,
              "--max_steps", steps, "--group_size", 2, "--query_max_len", 64,
-             "--passage_max_len", 256, "--lora_rank", 16, "--grad_checkpoint",
+             "--passage_max_len", 256, "--query_prefix", "query: ", "--lora_rank", 16,
+             "--grad_checkpoint",
              "--dtype", args.dtype, "--device", args.device]
     for r in range(args.reps):
         out_dir = f"{tmp}/llm_{r}"
