@@ -1,11 +1,24 @@
 """merge.py: the weighted average of checkpoints, by hand; what cannot be averaged is a one-line
 error."""
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import cli
 import merge
 from model import BiEncoder
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def files(folder):
+    """folder -> {path inside it: bytes}, for comparing two checkpoints byte for byte."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
 
 
 def merge_main(*flags):
@@ -58,3 +71,34 @@ def test_what_cannot_be_merged_is_refused(two, tmp_path, case, says):
         models[1] = str(tmp_path / "cls")
     with pytest.raises(cli.InputError, match=says):
         merge_main("--models", *models, *extra, "--out", tmp_path / "m")
+
+
+def test_a_merge_killed_before_its_folder_is_swapped_in(two, tmp_path):
+    """SIGKILL once the new merge is written beside the old one: the old merge is untouched, and
+    the same command again gives the files of an uninterrupted run, with nothing left beside."""
+    merge_main("--models", *two, "--weights", 3, 1, "--out", tmp_path / "m")
+    before = files(tmp_path / "m")
+    merge_main("--models", *two, "--out", tmp_path / "full")
+    # merge.py with its save slowed down: the process is killed after writing m.tmp
+    slow = ("import runpy, sys, time\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "import model\n"
+            "save = model.BiEncoder.save\n"
+            "def slow_save(self, path):\n"
+            "    save(self, path)\n"
+            "    print('saved', flush=True)\n"
+            "    time.sleep(60)\n"
+            "model.BiEncoder.save = slow_save\n"
+            "sys.argv = ['merge.py'] + sys.argv[2:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    command = ["--models", *two, "--out", str(tmp_path / "m")]
+    p = subprocess.Popen([sys.executable, "-c", slow, ROOT, *command], cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "saved"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert files(tmp_path / "m") == before
+    subprocess.run([sys.executable, "merge.py", *command], cwd=ROOT, check=True,
+                   capture_output=True)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["full", "m"]
+    assert files(tmp_path / "m") == files(tmp_path / "full")
