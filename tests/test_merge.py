@@ -1,6 +1,5 @@
 """merge.py: the weighted average of checkpoints, by hand; what cannot be averaged is a one-line
 error."""
-import os
 import signal
 import subprocess
 import sys
@@ -10,10 +9,8 @@ import torch
 
 import cli
 import merge
+from conftest import ROOT
 from model import BiEncoder
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def files(folder):
