@@ -392,13 +392,19 @@ def embed(model, tokens, kind, chunk_size, ctx, device):
     states = []
     parts = []
     with torch.no_grad():
-        for chunk in chunks:
+        for chunk in chunk_bar(chunks, f"pass 1, {kind}s"):
             states.append(rng_state(device))
             with ctx:
                 parts.append(model(chunk, kind))
     emb = torch.empty((len(order), parts[0].shape[1]), dtype=parts[0].dtype, device=device)
     emb[order.to(device)] = torch.cat(parts)
     return emb, (chunks, order, states)
+
+def chunk_bar(chunks, desc):
+    """A progress bar over one step's chunks, on rank 0 and only when the step has many of them (a
+    batch of 1024 on a CPU takes minutes a step)."""
+    quiet = len(chunks) < 16 or (dist.is_initialized() and dist.get_rank() != 0)
+    return tqdm(chunks, desc=desc, unit="chunk", leave=False, disable=quiet)
 
 def replay(model, kind, cache, emb, grad, ctx, device):
     """Pass 2: re-embed each chunk with autograd under the RNG state it had in pass 1 (so dropout
@@ -407,7 +413,8 @@ def replay(model, kind, cache, emb, grad, ctx, device):
     chunks, order, states = cache
     err = torch.zeros((), device=device)
     chunk_rows = order.to(device).split(len(chunks[0]["input_ids"]))
-    for chunk, idx, state in zip(chunks, chunk_rows, states):
+    todo = list(zip(chunks, chunk_rows, states))
+    for chunk, idx, state in chunk_bar(todo, f"pass 2, {kind}s"):
         set_rng_state(state, device)
         with ctx:
             e = model(chunk, kind)
