@@ -25,6 +25,12 @@ False negatives: a document that is also a positive of query i (a duplicate, or 
 with another query of the batch) is not a negative of i. With d_keys (N,), integer keys of the
 documents (e.g. hashes of their ids), and q_pos_keys (B, P), the keys of each query's positives
 padded with -1, such documents leave query i's denominator; its own target stays.
+
+Unlabelled positives: where a query has many relevant documents and only some are labelled
+(NFCorpus: 43 a query on average), many in-batch negatives are relevant too. With margin m, a
+document scoring more than m above query i's positive, s(q_i, d_j) > s(q_i, d_target(i)) + m, is
+taken for one and left out of i's denominator as well (Qwen3-Embedding's mask, m = 0.1). The mask
+is made from the scores but is not differentiated: it only chooses which terms the sum has.
 """
 import torch
 import torch.distributed as dist
@@ -46,17 +52,29 @@ def false_negative_mask(d_keys, q_pos_keys, targets):
     mask[torch.arange(len(targets)), targets] = False  # a query's own target is never masked
     return mask
 
-def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None):
+def above_positive_mask(scores, targets, margin):
+    """(B, N) bool, True where document j scores more than margin above query i's positive
+    (scores: the (B, N) cosines or dot products, before the temperature); never i's target."""
+    rows = torch.arange(len(targets), device=scores.device)
+    mask = scores > scores[rows, targets][:, None] + margin
+    mask[rows, targets] = False
+    return mask
+
+def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, margin=None):
     """InfoNCE of queries q (B, D) against documents d (N, D) laid out per query -> the mean loss
     over the B queries (a scalar). offset is non-zero when the B queries are one rank's slice of a
-    gathered batch."""
+    gathered batch; margin: leave out the documents scoring more than this above the positive."""
     # the logits in float32 (float64 stays float64)
     with torch.autocast(q.device.type, enabled=False):
         dtype = torch.promote_types(q.dtype, torch.float32)
-        scores = q.to(dtype) @ d.to(dtype).T / temp  # (B, N)
+        raw = q.to(dtype) @ d.to(dtype).T  # (B, N)
+        scores = raw / temp
         targets = targets_of(q, group_size, offset)  # (B,)
         if d_keys is not None:
             scores = scores.masked_fill(false_negative_mask(d_keys, q_pos_keys, targets),
+                                        float("-inf"))
+        if margin is not None:
+            scores = scores.masked_fill(above_positive_mask(raw.detach(), targets, margin),
                                         float("-inf"))
         return F.cross_entropy(scores, targets)
 
@@ -70,7 +88,8 @@ def accuracy(q, d, group_size, offset=0, rows=1024):
     return (best == targets).float().mean().item()
 
 @torch.no_grad()
-def per_query(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, rows=1024):
+def per_query(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, margin=None,
+              rows=1024):
     """Each query's own InfoNCE loss and the rank of its positive among the batch's documents (1:
     the best; false negatives left out, as in the loss), rows queries at a time -> (losses (B,),
     ranks (B,)), for train.py --example_log."""
@@ -78,11 +97,14 @@ def per_query(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, ro
     ranks = []
     targets = targets_of(q, group_size, offset)
     for i in range(0, len(q), rows):
-        scores = q[i:i + rows].float() @ d.float().T / temp  # (r, N)
+        raw = q[i:i + rows].float() @ d.float().T  # (r, N)
+        scores = raw / temp
         target = targets[i:i + rows]
         if d_keys is not None:
             mask = false_negative_mask(d_keys, q_pos_keys[i:i + rows], target)
             scores = scores.masked_fill(mask, float("-inf"))
+        if margin is not None:
+            scores = scores.masked_fill(above_positive_mask(raw, target, margin), float("-inf"))
         losses.append(F.cross_entropy(scores, target, reduction="none"))
         own = scores[torch.arange(len(target)), target]
         ranks.append((scores > own[:, None]).sum(1) + 1)

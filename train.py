@@ -80,6 +80,10 @@ parser.add_argument("--passage_max_len", type=cli.positive,
 parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1],
                     help="1: a document that is another positive of a query is left out of its "
                          "negatives; 0: it counts as a negative.")
+parser.add_argument("--false_negative_margin", type=cli.nonnegative,
+                    help="Also leave out of a query's negatives every document scoring more than "
+                         "this above its positive (cosine), taken for an unlabelled positive "
+                         "(Qwen3-Embedding: 0.1). Default: off.")
 # model
 parser.add_argument("--pooling", choices=["cls", "mean", "last"],
                     help="Pooling. Default: the model's.")
@@ -189,10 +193,10 @@ parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"
 # run; the others may change between the start and a resume, and then take effect from the resumed
 # step on.
 MUST_MATCH = ("model", "dataset", "split", "train_data", "mix", "group_size", "query_max_len",
-              "passage_max_len", "mask_false_negatives", "pooling", "query_prefix", "doc_prefix",
-              "attention_dropout", "separate_towers", "lora_rank", "lora_alpha", "lora_dropout",
-              "lora_targets", "remine_every", "remine_range", "remine_num_neg", "remine_margin",
-              "temp", "mrl_dims", "distill", "teacher_temp",
+              "passage_max_len", "mask_false_negatives", "false_negative_margin", "pooling",
+              "query_prefix", "doc_prefix", "attention_dropout", "separate_towers", "lora_rank",
+              "lora_alpha", "lora_dropout", "lora_targets", "remine_every", "remine_range",
+              "remine_num_neg", "remine_margin", "temp", "mrl_dims", "distill", "teacher_temp",
               "batch_size", "lr", "weight_decay", "warmup", "max_grad_norm", "epochs", "max_steps",
               "seed", "dtype", "eval_dataset", "eval_split", "eval_queries", "eval_metric",
               "data_hash")
@@ -208,6 +212,8 @@ def check_flags(args, world):
         raise cli.InputError(f"--mrl_dims {' '.join(map(str, args.mrl_dims))}: a dimension twice")
     if args.teacher_temp and args.distill != "kl":
         raise cli.InputError("--teacher_temp applies to --distill kl only")
+    if args.false_negative_margin is not None and args.loss == "fused":  # it needs all the logits
+        raise cli.InputError("--false_negative_margin applies to --loss reference (or auto) only")
     if args.remine_every and args.distill:  # the teacher's scores are of the negatives it scored
         raise cli.InputError("--remine_every replaces the negatives that --distill's scores are "
                              "of; use one or the other")
@@ -349,9 +355,10 @@ def compute_loss(q, d, batch, args):
     keys = ()
     if args.mask_false_negatives:
         keys = (batch["d_keys"].to(q.device), batch["q_pos_keys"].to(q.device))
-    contrastive = info_nce
+    contrastive = functools.partial(info_nce, margin=args.false_negative_margin)
     big = q.is_cuda and len(q) * len(d_all) > 2 ** 24  # this rank's logits: more than 16M entries
-    if args.loss == "fused" or (args.loss == "auto" and big):
+    whole = args.false_negative_margin is not None  # its mask needs the whole logit matrix
+    if args.loss == "fused" or (args.loss == "auto" and big and not whole):
         contrastive = fused_info_nce
     loss = 0.0
     for dim in args.mrl_dims or [None]:  # None: the whole embedding
@@ -728,7 +735,8 @@ def log_examples(example_log, q, d, batch, examples, args, world):
     keys = ()
     if args.mask_false_negatives:
         keys = (batch["d_keys"].to(q.device), batch["q_pos_keys"].to(q.device))
-    losses, ranks = per_query(q, gather(d), args.temp, args.group_size, batch["offset"], *keys)
+    losses, ranks = per_query(q, gather(d), args.temp, args.group_size, batch["offset"], *keys,
+                              margin=args.false_negative_margin)
     rows = []
     for e, loss, rank in zip(batch["examples"], losses.tolist(), ranks.tolist()):
         qid = examples[e].get("qid", str(e))

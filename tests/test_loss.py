@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_loss import false_negative_pairs, fused_info_nce
-from loss import accuracy, false_negative_mask, info_nce, margin_mse
+from loss import above_positive_mask, accuracy, false_negative_mask, info_nce, margin_mse
 
 
 def test_hand_computed_two_queries():
@@ -61,6 +61,26 @@ def test_duplicate_positive_is_masked():
     assert sorted(map(tuple, mask.nonzero().tolist())) == expected
     rows, cols = false_negative_pairs(d_keys, q_pos_keys, torch.tensor([0, 2]))  # the fused loss's
     assert sorted(zip(rows.tolist(), cols.tolist())) == expected
+
+
+def test_documents_far_above_the_positive_are_masked():
+    # cosines of q0: its positive 0.5, then 0.9 (above by 0.4), 0.55 (by 0.05), 0.1; q1 (target
+    # column 2) scores 0.7 there and higher nowhere
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = torch.tensor([[0.5, 0.1], [0.9, 0.2], [0.55, 0.7], [0.1, 0.3]])  # G = 2: [p0, n0, p1, n1]
+    targets = torch.tensor([0, 2])
+    mask = above_positive_mask(q @ d.T, targets, 0.1)
+    assert mask.nonzero().tolist() == [[0, 1]]  # 0.9 > 0.5 + 0.1; 0.55 is within the margin
+    s = q @ d.T / 0.5
+    l0 = -torch.log_softmax(s[0, [0, 2, 3]], 0)[0]
+    l1 = -torch.log_softmax(s[1], 0)[2]
+    masked = info_nce(q, d, 0.5, 2, margin=0.1)
+    assert masked.item() == pytest.approx(((l0 + l1) / 2).item(), abs=1e-6)
+    unmasked = info_nce(q, d, 0.5, 2).item()
+    assert info_nce(q, d, 0.5, 2, margin=10.0).item() == pytest.approx(unmasked)
+    # a margin of 0 leaves out everything above the positive, never the positive itself
+    assert not above_positive_mask(q @ d.T, targets, 0.0)[[0, 1], [0, 2]].any()
+    assert torch.isfinite(info_nce(q, d, 0.5, 2, margin=0.0))
 
 
 def test_loss_in_float32_under_bf16_autocast():

@@ -56,15 +56,26 @@ def start_weights(model):
     return flat(train.BiEncoder(model).state_dict())
 
 
-def test_cached_equals_uncached_without_dropout(tiny_model_nodropout, train_file, tmp_path):
-    a, log_a = run(tiny_model_nodropout, train_file, tmp_path / "a", "--chunk_size", 0)
-    b, log_b = run(tiny_model_nodropout, train_file, tmp_path / "b", "--chunk_size", 4)
+@pytest.mark.parametrize("flags", [(), ("--false_negative_margin", 0)], ids=["plain", "margin"])
+def test_cached_equals_uncached_without_dropout(tiny_model_nodropout, train_file, tmp_path, flags):
+    a, log_a = run(tiny_model_nodropout, train_file, tmp_path / "a", "--chunk_size", 0, *flags)
+    b, log_b = run(tiny_model_nodropout, train_file, tmp_path / "b", "--chunk_size", 4, *flags)
     start = start_weights(tiny_model_nodropout)
     rel = (flat(a) - flat(b)).norm() / (flat(a) - start).norm()
     assert rel <= 1e-2, rel
     for x, y in zip(log_a, log_b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_false_negative_margin_leaves_documents_out(tiny_model_nodropout, train_file, tmp_path):
+    # a random model scores many negatives above the positive: margin 0 leaves them all out, so
+    # the first step's loss (before any update) is lower; the weights end elsewhere
+    plain, log_plain = run(tiny_model_nodropout, train_file, tmp_path / "a")
+    margin, log_margin = run(tiny_model_nodropout, train_file, tmp_path / "b",
+                             "--false_negative_margin", 0)
+    assert log_margin[0]["loss"] < log_plain[0]["loss"] - 0.1
+    assert not torch.equal(flat(plain), flat(margin))
 
 
 def test_replay_is_exact_with_dropout_and_dropout_is_live(tiny_model, tiny_model_nodropout,
