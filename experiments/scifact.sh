@@ -11,6 +11,7 @@
 #   SEED=1 ...                    another seed of training (the mined negatives stay those of seed 0)
 #   EVAL_EVERY=33 ...             dev nDCG@10 while training (steps 0, 33, 66), the best model in ft/best/
 #   DISTILL=kl TEACHER=path ...   + the teacher's scores (score.py) of the mined groups, learned by KL
+#   SOUP="0 1 2" ...              the model soup (merge.py) of this recipe's finished runs for seeds 0, 1, 2
 # DTYPE: the precision of mining, training and dev (fp32 by default: bf16 is the fast one only where the
 # processor computes in bf16, e.g. a GPU; the rows before 2026-12-02 ran bf16). Test is always fp32.
 set -euo pipefail
@@ -20,8 +21,11 @@ OUT=${OUT:-runs/scifact}
 GROUP=${GROUP:-4} MARGIN=${MARGIN:-0.95} MASK=${MASK:-1} EPOCHS=${EPOCHS:-3} LR=${LR:-1e-4} TEMP=${TEMP:-0.05}
 ADROP=${ADROP:-0} SEED=${SEED:-0} EVAL_EVERY=${EVAL_EVERY:-} DISTILL=${DISTILL:-} TEACHER=${TEACHER:-}
 DTYPE=${DTYPE:-fp32} EXTRA=${EXTRA:-} TAG=${TAG:-}  # more train.py flags (e.g. EXTRA="--separate_towers" TAG=towers)
-RUN="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}_s${SEED}"
-RUN="$RUN${DISTILL:+_$DISTILL}${TAG:+_$TAG}"
+SOUP=${SOUP:-}
+RECIPE="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}"
+SUFFIX="${DISTILL:+_$DISTILL}${TAG:+_$TAG}"
+RUN="${RECIPE}_s${SEED}$SUFFIX"
+[ -z "$SOUP" ] || RUN="${RECIPE}_soup${SOUP// /}$SUFFIX"
 mkdir -p "$RUN"
 
 # 1. dev split: 100 of the 809 train queries, fixed by seed 0; training never sees them
@@ -52,16 +56,23 @@ MINED="$OUT/mined_m${MARGIN}.jsonl"
 [ -f "$MINED" ] || $PYTHON mine.py --dataset beir/scifact/train --queries "$OUT/train.ids" --range 10-100 \
     --num_neg 7 --margin "$MARGIN" --dtype "$DTYPE" --out "$MINED"
 
-# 4. fine-tune (DTYPE autocast, fp32 weights; gradient cache chunks of 32 texts), optionally from a teacher's scores
-TRAIN=$MINED
-if [ -n "$DISTILL" ]; then
-    TRAIN="$RUN/scored.jsonl"
-    [ -f "$TRAIN" ] || $PYTHON score.py --teacher "$TEACHER" --train_data "$MINED" --dtype "$DTYPE" --out "$TRAIN"
+# 4. fine-tune (DTYPE autocast, fp32 weights; gradient cache chunks of 32 texts), optionally from a teacher's scores;
+# or, with SOUP, average the weights of this recipe's finished runs for those seeds instead
+if [ -n "$SOUP" ]; then
+    MODELS=()
+    for s in $SOUP; do MODELS+=("${RECIPE}_s${s}$SUFFIX/ft/model"); done
+    $PYTHON merge.py --models "${MODELS[@]}" --out "$RUN/ft/model"
+else
+    TRAIN=$MINED
+    if [ -n "$DISTILL" ]; then
+        TRAIN="$RUN/scored.jsonl"
+        [ -f "$TRAIN" ] || $PYTHON score.py --teacher "$TEACHER" --train_data "$MINED" --dtype "$DTYPE" --out "$TRAIN"
+    fi
+    $PYTHON train.py --train_data "$TRAIN" --group_size "$GROUP" --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
+        --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --attention_dropout "$ADROP" --seed "$SEED" \
+        --query_max_len 64 --dtype "$DTYPE" ${DISTILL:+--distill "$DISTILL"} --out_dir "$RUN/ft" --log_every 5 $EXTRA \
+        ${EVAL_EVERY:+--eval_dataset beir/scifact/train --eval_queries "$OUT/dev.ids" --eval_every "$EVAL_EVERY"}
 fi
-$PYTHON train.py --train_data "$TRAIN" --group_size "$GROUP" --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
-    --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --attention_dropout "$ADROP" --seed "$SEED" \
-    --query_max_len 64 --dtype "$DTYPE" ${DISTILL:+--distill "$DISTILL"} --out_dir "$RUN/ft" --log_every 5 $EXTRA \
-    ${EVAL_EVERY:+--eval_dataset beir/scifact/train --eval_queries "$OUT/dev.ids" --eval_every "$EVAL_EVERY"}
 
 # 5. dev (settings were chosen here), then test once
 $PYTHON evaluate.py --model "$RUN/ft/model" --dataset beir/scifact/train --queries "$OUT/dev.ids" \
