@@ -12,6 +12,8 @@ The way flash-attention computes a softmax:
             softmax_ij = exp(s_ij / τ - lse_i) recomputed per tile; dq += P @ d_tile and
             dd_tile += P.T @ q_rows (two matmuls a tile); the one-hot target term is subtracted
             once, outside the loop.
+With a margin (loss.above_positive_mask), each tile also leaves out the documents scoring more
+than the margin above the row's positive, compared with the positive's score computed once.
 Peak extra memory: one tile. The matmuls run in the inputs' precision with a float32 result where
 PyTorch offers it (half precision on CUDA: tensor cores), else on float32 copies; the elementwise
 work of a tile (scale, mask, exp, logsumexp) is one compiled function, so it reads the tile once.
@@ -43,6 +45,15 @@ def false_negative_pairs(d_keys, q_pos_keys, targets):
     keep = cols != targets[rows]  # a query's own target is never masked
     return rows[keep], cols[keep]
 
+def above_positive_tile(scores, bound, targets, cols):
+    """loss.above_positive_mask within one tile: (r, c) True where a raw score exceeds its row's
+    bound (the positive's score + margin), never at the row's own target."""
+    mask = scores > bound[:, None]
+    local = targets - cols.start  # each row's target column within this tile, where it falls here
+    inside = (local >= 0) & (local < scores.shape[1])
+    mask[inside.nonzero().squeeze(1), local[inside]] = False
+    return mask
+
 def matmul(a, b):
     """a @ b in at least float32."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
@@ -73,26 +84,31 @@ def kernels(compile):
         return tile_lse, tile_softmax
     return torch.compile(tile_lse, dynamic=True), torch.compile(tile_softmax, dynamic=True)
 
-def tiles(B, N, tile, pairs, device):
-    """(row slice, column slice, (r, c) false-negative mask or None) for each tile of the (B, N)
-    logits."""
+def tiles(q, d, tile, pairs, targets, bound):
+    """(row slice, column slice, (r, c) raw scores, (r, c) mask of the documents left out or None)
+    for each tile of the (B, N) score matrix q @ d.T."""
+    B, N = q.shape[0], d.shape[0]
     for r in range(0, B, tile[0]):
         for c in range(0, N, tile[1]):
             rows = slice(r, min(r + tile[0], B))
             cols = slice(c, min(c + tile[1], N))
+            scores = matmul(q[rows], d[cols].T)
             mask = None
             if pairs is not None:  # the false-negative entries that fall inside this tile
                 pair_rows, pair_cols = pairs
                 inside = ((pair_rows >= r) & (pair_rows < rows.stop)
                           & (pair_cols >= c) & (pair_cols < cols.stop))
-                mask = torch.zeros(rows.stop - r, cols.stop - c, dtype=torch.bool, device=device)
+                mask = torch.zeros(scores.shape, dtype=torch.bool, device=q.device)
                 mask[pair_rows[inside] - r, pair_cols[inside] - c] = True
-            yield rows, cols, mask
+            if bound is not None:  # and those far above the row's positive
+                above = above_positive_tile(scores, bound[rows], targets[rows], cols)
+                mask = above if mask is None else mask | above
+            yield rows, cols, scores, mask
 
 class FusedInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, d, temp, group_size, offset, d_keys, q_pos_keys, tile, compile):
-        B, N = q.shape[0], d.shape[0]
+    def forward(ctx, q, d, temp, group_size, offset, d_keys, q_pos_keys, margin, tile, compile):
+        B = q.shape[0]
         targets = targets_of(q, group_size, offset)  # (B,)
         pairs = None
         if d_keys is not None:
@@ -100,12 +116,13 @@ class FusedInfoNCE(torch.autograd.Function):
             pairs = false_negative_pairs(d_keys, q_pos_keys, targets)
         lse_fn, _ = kernels(compile)
         dtype = torch.promote_types(q.dtype, torch.float32)
+        target_score = (q.to(dtype) * d[targets].to(dtype)).sum(-1)  # (B,) raw
+        bound = None if margin is None else target_score + margin
         lse = torch.full((B,), float("-inf"), dtype=dtype, device=q.device)
-        for rows, cols, mask in tiles(B, N, tile, pairs, q.device):
-            lse[rows] = torch.logaddexp(lse[rows],
-                                        lse_fn(matmul(q[rows], d[cols].T), 1.0 / temp, mask))
-        target_logit = (q.to(dtype) * d[targets].to(dtype)).sum(-1) / temp  # (B,)
-        ctx.save_for_backward(q, d, lse, targets, *(pairs or ()))
+        for rows, cols, scores, mask in tiles(q, d, tile, pairs, targets, bound):
+            lse[rows] = torch.logaddexp(lse[rows], lse_fn(scores, 1.0 / temp, mask))
+        target_logit = target_score / temp
+        ctx.save_for_backward(q, d, lse, targets, bound, *(pairs or ()))
         ctx.temp = temp
         ctx.tile = tile
         ctx.compile = compile
@@ -113,24 +130,23 @@ class FusedInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, d, lse, targets, *pairs = ctx.saved_tensors
-        B, N = q.shape[0], d.shape[0]
+        q, d, lse, targets, bound, *pairs = ctx.saved_tensors
+        B = q.shape[0]
         _, softmax_fn = kernels(ctx.compile)
         g = (grad_out / B).to(lse.dtype).expand(B)  # d mean / d loss_i
         dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
         dd = torch.zeros(d.shape, dtype=lse.dtype, device=d.device)
-        for rows, cols, mask in tiles(B, N, ctx.tile, pairs or None, q.device):
-            scores = matmul(q[rows], d[cols].T)  # (r, c)
+        for rows, cols, scores, mask in tiles(q, d, ctx.tile, pairs or None, targets, bound):
             p = softmax_fn(scores, 1.0 / ctx.temp, mask, lse[rows], g[rows]).to(q.dtype)
             dq[rows] += matmul(p, d[cols])  # (r, D)
             dd[cols] += matmul(p.T, q[rows])  # (c, D)
         # the one-hot target term: d(-s_i,target / τ)
         dq -= (g / ctx.temp)[:, None] * d[targets].to(dq.dtype)
         dd.index_add_(0, targets, -(g / ctx.temp)[:, None] * q.to(dd.dtype))
-        return dq.to(q.dtype), dd.to(d.dtype), None, None, None, None, None, None, None
+        return dq.to(q.dtype), dd.to(d.dtype), None, None, None, None, None, None, None, None
 
-def fused_info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, tile=None,
-                   compile=None):
+def fused_info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, margin=None,
+                   tile=None, compile=None):
     """Same arguments and result as loss.info_nce, in O(tile) extra memory instead of O(B * N).
     tile: (rows, cols) of a logit tile; compile: torch.compile the tile functions (default: on
     CUDA)."""
@@ -139,4 +155,5 @@ def fused_info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=Non
     if compile is None:
         compile = q.is_cuda
     with torch.autocast(q.device.type, enabled=False):
-        return FusedInfoNCE.apply(q, d, temp, group_size, offset, d_keys, q_pos_keys, tile, compile)
+        return FusedInfoNCE.apply(q, d, temp, group_size, offset, d_keys, q_pos_keys, margin, tile,
+                                  compile)

@@ -212,8 +212,6 @@ def check_flags(args, world):
         raise cli.InputError(f"--mrl_dims {' '.join(map(str, args.mrl_dims))}: a dimension twice")
     if args.teacher_temp and args.distill != "kl":
         raise cli.InputError("--teacher_temp applies to --distill kl only")
-    if args.false_negative_margin is not None and args.loss == "fused":  # it needs all the logits
-        raise cli.InputError("--false_negative_margin applies to --loss reference (or auto) only")
     if args.remine_every and args.distill:  # the teacher's scores are of the negatives it scored
         raise cli.InputError("--remine_every replaces the negatives that --distill's scores are "
                              "of; use one or the other")
@@ -355,11 +353,11 @@ def compute_loss(q, d, batch, args):
     keys = ()
     if args.mask_false_negatives:
         keys = (batch["d_keys"].to(q.device), batch["q_pos_keys"].to(q.device))
-    contrastive = functools.partial(info_nce, margin=args.false_negative_margin)
+    contrastive = info_nce
     big = q.is_cuda and len(q) * len(d_all) > 2 ** 24  # this rank's logits: more than 16M entries
-    whole = args.false_negative_margin is not None  # its mask needs the whole logit matrix
-    if args.loss == "fused" or (args.loss == "auto" and big and not whole):
+    if args.loss == "fused" or (args.loss == "auto" and big):
         contrastive = fused_info_nce
+    contrastive = functools.partial(contrastive, margin=args.false_negative_margin)
     loss = 0.0
     for dim in args.mrl_dims or [None]:  # None: the whole embedding
         q_dim = q if dim is None else prefix(q, dim, args.normalize)

@@ -272,8 +272,6 @@ def test_a_damaged_download_a_stray_rank_and_a_home_that_is_a_file(tmp_path):
     (["--distill", "kl", "--group_size", 1], "--distill kl learns"),
     (["--teacher_temp", 0.1], "--teacher_temp applies to --distill kl only"),
     (["--remine_every", 2, "--distill", "kl"], "--remine_every replaces the negatives"),
-    (["--false_negative_margin", 0.1, "--loss", "fused"], "--false_negative_margin applies to "
-                                                          "--loss reference"),
 ])
 def test_flag_combinations_that_cannot_work(tiny_model, train_file, tmp_path, extra, says):
     with pytest.raises(cli.InputError, match=says):

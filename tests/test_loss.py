@@ -111,12 +111,12 @@ def _case(B, G, D, masked, seed=0):
     return q, d, keys
 
 
-def _check_fused(B, G, D, masked, tile, compile=False):
+def _check_fused(B, G, D, masked, tile, compile=False, margin=None):
     q, d, keys = _case(B, G, D, masked)
     q1, d1 = q.clone().requires_grad_(), d.clone().requires_grad_()
     q2, d2 = q.clone().requires_grad_(), d.clone().requires_grad_()
-    ref = info_nce(q1, d1, 0.05, G, 0, *keys)
-    fused = fused_info_nce(q2, d2, 0.05, G, 0, *keys, tile=tile, compile=compile)
+    ref = info_nce(q1, d1, 0.05, G, 0, *keys, margin=margin)
+    fused = fused_info_nce(q2, d2, 0.05, G, 0, *keys, margin=margin, tile=tile, compile=compile)
     ref.backward()
     (fused * 1.0).backward()
     assert abs(ref.item() - fused.item()) <= 1e-8
@@ -126,9 +126,11 @@ def _check_fused(B, G, D, masked, tile, compile=False):
 
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_equals_reference(G, masked):
-    # 37 and 37*G do not divide the tiles
-    _check_fused(B=37, G=G, D=16, masked=masked, tile=(8, 20))
+@pytest.mark.parametrize("margin", [None, 0.0, 0.3])
+def test_fused_equals_reference(G, masked, margin):
+    # 37 and 37*G do not divide the tiles; random unit vectors put about half of the documents
+    # above a query's positive (margin 0) and a sixth more than 0.3 above
+    _check_fused(B=37, G=G, D=16, masked=masked, tile=(8, 20), margin=margin)
 
 
 def test_fused_with_offset_equals_reference():

@@ -56,7 +56,9 @@ def start_weights(model):
     return flat(train.BiEncoder(model).state_dict())
 
 
-@pytest.mark.parametrize("flags", [(), ("--false_negative_margin", 0)], ids=["plain", "margin"])
+@pytest.mark.parametrize("flags", [(), ("--false_negative_margin", 0),
+                                   ("--false_negative_margin", 0, "--loss", "fused")],
+                         ids=["plain", "margin", "margin_fused"])
 def test_cached_equals_uncached_without_dropout(tiny_model_nodropout, train_file, tmp_path, flags):
     a, log_a = run(tiny_model_nodropout, train_file, tmp_path / "a", "--chunk_size", 0, *flags)
     b, log_b = run(tiny_model_nodropout, train_file, tmp_path / "b", "--chunk_size", 4, *flags)
