@@ -234,6 +234,7 @@ def main(args):
         flags = ["--model", folder, "--train_data", train_file, "--batch_size", s["batch"],
                  "--max_steps", s["steps"], "--group_size", 2, "--query_max_len", s["max_len"],
                  "--passage_max_len", s["max_len"], "--temp", 0.05, "--dtype", args.dtype,
+                 "--false_negative_margin", "off",  # ST's loss has no margin
                  "--device", args.device]
 
         def ours(chunk):

@@ -54,6 +54,14 @@ rate = number(float, 0, strict=True)  # a learning rate, a temperature
 nonnegative = number(float, 0)
 share = number(float, 0, 1)  # a probability, a fraction
 
+def margin(text):
+    """A score margin >= 0, "auto" (the script decides) or "off" (None) (an argparse type)."""
+    if text == "off":
+        return None
+    if text == "auto":
+        return text
+    return nonnegative(text)
+
 def int_range(text):
     """A START-END flag value -> (start, end), 0 <= start < end (an argparse type)."""
     start, _, end = text.partition("-")

@@ -23,7 +23,8 @@ The defaults are the measured recipes of experiments/ (docs/quality.md): batch 3
 with 10% warmup, temperature 0.05, groups of 4 when the data has mined negatives
 (experiments/scifact.sh, 3 epochs there) and in-batch negatives only when it has none
 (experiments/nfcorpus.sh, on NFCorpus's train qrels, the default data). BGE's own setting is
---batch_size 1024 --temp 0.02 on a GPU.
+--batch_size 1024 --temp 0.02 on a GPU. The false-negative margin (auto: 2 x --temp) was chosen
+later, on NFCorpus dev for the README's two commands; the recipes ran without it (FNM=off there).
 
 With several --train_data files each batch comes from one of them. With an evaluation set
 (--eval_dataset, or by default the dev split of the --dataset whose qrels it trains on) the model is
@@ -80,10 +81,13 @@ parser.add_argument("--passage_max_len", type=cli.positive,
 parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1],
                     help="1: a document that is another positive of a query is left out of its "
                          "negatives; 0: it counts as a negative.")
-parser.add_argument("--false_negative_margin", type=cli.nonnegative,
+parser.add_argument("--false_negative_margin", type=cli.margin, default="auto",
                     help="Also leave out of a query's negatives every document scoring more than "
                          "this above its positive (cosine), taken for an unlabelled positive "
-                         "(Qwen3-Embedding: 0.1). Default: off.")
+                         "(Qwen3-Embedding leaves out those 0.1 above). auto: 2 x --temp, i.e. "
+                         "the documents that would outweigh the positive more than e^2 = 7.4 "
+                         "times in the softmax (0.1 at the recipes' temperature, 0.04 at BGE's "
+                         "0.02; chosen on NFCorpus dev, docs/quality.md); off: keep them all.")
 # model
 parser.add_argument("--pooling", choices=["cls", "mean", "last"],
                     help="Pooling. Default: the model's.")
@@ -204,7 +208,8 @@ MAY_CHANGE = ("device", "compile", "grad_checkpoint", "loss", "chunk_size", "eva
               "save_every", "log_every", "example_log")
 
 def check_flags(args, world):
-    """The checks of flags that need no data: each a one-line error before any work."""
+    """The checks of flags that need no data, each a one-line error before any work; and the
+    false-negative margin that --temp decides."""
     if args.batch_size % world:
         raise cli.InputError(f"--batch_size {args.batch_size} must be divisible by the number of "
                              f"processes ({world})")
@@ -212,6 +217,8 @@ def check_flags(args, world):
         raise cli.InputError(f"--mrl_dims {' '.join(map(str, args.mrl_dims))}: a dimension twice")
     if args.teacher_temp and args.distill != "kl":
         raise cli.InputError("--teacher_temp applies to --distill kl only")
+    if args.false_negative_margin == "auto":
+        args.false_negative_margin = 2 * args.temp
     if args.remine_every and args.distill:  # the teacher's scores are of the negatives it scored
         raise cli.InputError("--remine_every replaces the negatives that --distill's scores are "
                              "of; use one or the other")
@@ -397,7 +404,7 @@ def embed(model, tokens, kind, chunk_size, ctx, device):
     states = []
     parts = []
     with torch.no_grad():
-        for chunk in chunk_bar(chunks, f"pass 1, {kind}s"):
+        for chunk in chunk_bar(chunks, f"pass 1, {kind} chunks"):
             states.append(rng_state(device))
             with ctx:
                 parts.append(model(chunk, kind))
@@ -419,7 +426,7 @@ def replay(model, kind, cache, emb, grad, ctx, device):
     err = torch.zeros((), device=device)
     chunk_rows = order.to(device).split(len(chunks[0]["input_ids"]))
     todo = list(zip(chunks, chunk_rows, states))
-    for chunk, idx, state in chunk_bar(todo, f"pass 2, {kind}s"):
+    for chunk, idx, state in chunk_bar(todo, f"pass 2, {kind} chunks"):
         set_rng_state(state, device)
         with ctx:
             e = model(chunk, kind)

@@ -24,6 +24,7 @@ PY
 # SciFact: the 709 train queries of experiments/scifact.sh (its dev queries held out); group 1: negatives unused
 $PYTHON train.py --train_data "$SCIFACT/mined_m0.95.jsonl" "$OUT/nfcorpus_train.jsonl" --mix "$MIX" --group_size 1 \
     --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" --lr "$LR" --temp "$TEMP" --attention_dropout 0 \
-    --query_max_len 64 --dtype "$DTYPE" --seed "$SEED" --out_dir "$RUN/ft" --log_every 10
+    --false_negative_margin off --query_max_len 64 --dtype "$DTYPE" --seed "$SEED" --out_dir "$RUN/ft" \
+    --log_every 10
 $PYTHON evaluate.py --model "$RUN/ft/model" --dataset beir/scifact/test --dtype fp32 --out "$RUN/scifact_test"
 $PYTHON evaluate.py --model "$RUN/ft/model" --dataset beir/nfcorpus/test --dtype fp32 --out "$RUN/nfcorpus_test"

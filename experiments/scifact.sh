@@ -12,6 +12,9 @@
 #   EVAL_EVERY=33 ...             dev nDCG@10 while training (steps 0, 33, 66), the best model in ft/best/
 #   DISTILL=kl TEACHER=path ...   + the teacher's scores (score.py) of the mined groups, learned by KL
 #   SOUP="0 1 2" ...              the model soup (merge.py) of this recipe's finished runs for seeds 0, 1, 2
+#   EXTRA="--remine_every 22 --dataset beir/scifact/train" TAG=remine22 ...   negatives re-mined after each epoch
+# FNM: train.py's --false_negative_margin, off as when the recipe was measured (train.py's default: auto,
+# 2 x TEMP).
 # DTYPE: the precision of mining, training and dev (fp32 by default: bf16 is the fast one only where the
 # processor computes in bf16, e.g. a GPU; the rows before 2026-12-02 ran bf16). Test is always fp32.
 set -euo pipefail
@@ -21,8 +24,9 @@ OUT=${OUT:-runs/scifact}
 GROUP=${GROUP:-4} MARGIN=${MARGIN:-0.95} MASK=${MASK:-1} EPOCHS=${EPOCHS:-3} LR=${LR:-1e-4} TEMP=${TEMP:-0.05}
 ADROP=${ADROP:-0} SEED=${SEED:-0} EVAL_EVERY=${EVAL_EVERY:-} DISTILL=${DISTILL:-} TEACHER=${TEACHER:-}
 DTYPE=${DTYPE:-fp32} EXTRA=${EXTRA:-} TAG=${TAG:-}  # more train.py flags (e.g. EXTRA="--separate_towers" TAG=towers)
-SOUP=${SOUP:-}
+SOUP=${SOUP:-} FNM=${FNM:-off}
 RECIPE="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}"
+[ "$FNM" = off ] || RECIPE="${RECIPE}_fnm$FNM"
 SUFFIX="${DISTILL:+_$DISTILL}${TAG:+_$TAG}"
 RUN="${RECIPE}_s${SEED}$SUFFIX"
 [ -z "$SOUP" ] || RUN="${RECIPE}_soup${SOUP// /}$SUFFIX"
@@ -69,8 +73,9 @@ else
         [ -f "$TRAIN" ] || $PYTHON score.py --teacher "$TEACHER" --train_data "$MINED" --dtype "$DTYPE" --out "$TRAIN"
     fi
     $PYTHON train.py --train_data "$TRAIN" --group_size "$GROUP" --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
-        --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --attention_dropout "$ADROP" --seed "$SEED" \
-        --query_max_len 64 --dtype "$DTYPE" ${DISTILL:+--distill "$DISTILL"} --out_dir "$RUN/ft" --log_every 5 $EXTRA \
+        --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --false_negative_margin "$FNM" \
+        --attention_dropout "$ADROP" --seed "$SEED" --query_max_len 64 --dtype "$DTYPE" \
+        ${DISTILL:+--distill "$DISTILL"} --out_dir "$RUN/ft" --log_every 5 $EXTRA \
         ${EVAL_EVERY:+--eval_dataset beir/scifact/train --eval_queries "$OUT/dev.ids" --eval_every "$EVAL_EVERY"}
 fi
 

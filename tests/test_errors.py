@@ -31,6 +31,7 @@ SCRIPTS = {"train": train, "mine": mine, "encode": encode, "evaluate": evaluate}
     ("train", ["--lr", "nan"], "--lr: 'nan': must be > 0"),
     ("train", ["--chunk_size", "-1"], "--chunk_size: '-1': must be >= 0"),
     ("train", ["--attention_dropout", "1.5"], "--attention_dropout: '1.5': must be >= 0 and < 1"),
+    ("train", ["--false_negative_margin", "-0.1"], "--false_negative_margin: '-0.1': must be >= 0"),
     ("train", ["--distill", "mse"], "--distill: invalid choice"),
     ("train", ["--log_every", "0"], "--log_every"),
     ("train", ["--resume", "yes"], "--resume: invalid choice"),

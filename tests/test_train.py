@@ -56,9 +56,9 @@ def start_weights(model):
     return flat(train.BiEncoder(model).state_dict())
 
 
-@pytest.mark.parametrize("flags", [(), ("--false_negative_margin", 0),
-                                   ("--false_negative_margin", 0, "--loss", "fused")],
-                         ids=["plain", "margin", "margin_fused"])
+@pytest.mark.parametrize("flags", [("--false_negative_margin", "off"), (),
+                                   ("--loss", "fused")],
+                         ids=["plain", "margin", "margin_fused"])  # the default margin: 0.1
 def test_cached_equals_uncached_without_dropout(tiny_model_nodropout, train_file, tmp_path, flags):
     a, log_a = run(tiny_model_nodropout, train_file, tmp_path / "a", "--chunk_size", 0, *flags)
     b, log_b = run(tiny_model_nodropout, train_file, tmp_path / "b", "--chunk_size", 4, *flags)
@@ -73,11 +73,21 @@ def test_cached_equals_uncached_without_dropout(tiny_model_nodropout, train_file
 def test_false_negative_margin_leaves_documents_out(tiny_model_nodropout, train_file, tmp_path):
     # a random model scores many negatives above the positive: margin 0 leaves them all out, so
     # the first step's loss (before any update) is lower; the weights end elsewhere
-    plain, log_plain = run(tiny_model_nodropout, train_file, tmp_path / "a")
+    plain, log_plain = run(tiny_model_nodropout, train_file, tmp_path / "a",
+                           "--false_negative_margin", "off")
     margin, log_margin = run(tiny_model_nodropout, train_file, tmp_path / "b",
                              "--false_negative_margin", 0)
     assert log_margin[0]["loss"] < log_plain[0]["loss"] - 0.1
     assert not torch.equal(flat(plain), flat(margin))
+
+
+@pytest.mark.parametrize("flags, margin", [((), 0.1), (("--temp", "0.02"), 0.04),
+                                           (("--false_negative_margin", "0.3"), 0.3),
+                                           (("--false_negative_margin", "off"), None)])
+def test_the_default_margin_is_twice_the_temperature(flags, margin):
+    args = train.parser.parse_args(list(flags))
+    train.check_flags(args, 1)
+    assert args.false_negative_margin == pytest.approx(margin)
 
 
 def test_replay_is_exact_with_dropout_and_dropout_is_live(tiny_model, tiny_model_nodropout,
