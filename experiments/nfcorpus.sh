@@ -16,10 +16,9 @@ OUT=${OUT:-runs/nfcorpus}
 EPOCHS=${EPOCHS:-4} STEPS=${STEPS:-0} MASK=${MASK:-1} LR=${LR:-1e-4} TEMP=${TEMP:-0.05} ADROP=${ADROP:-0}
 SEED=${SEED:-0} DTYPE=${DTYPE:-fp32} FNM=${FNM:-off} SOUP=${SOUP:-}
 RECIPE="$OUT/e${EPOCHS}_steps${STEPS}_mask${MASK}_lr${LR}_t${TEMP}_ad${ADROP}"
-SUFFIX=""
-[ "$FNM" = off ] || SUFFIX="_fnm$FNM"
-RUN="${RECIPE}_s${SEED}$SUFFIX"
-[ -z "$SOUP" ] || RUN="${RECIPE}_soup${SOUP// /}$SUFFIX"
+[ "$FNM" = off ] || RECIPE="${RECIPE}_fnm$FNM"
+RUN="${RECIPE}_s${SEED}"
+[ -z "$SOUP" ] || RUN="${RECIPE}_soup${SOUP// /}"
 mkdir -p "$RUN"
 
 # 1. zero-shot (reused when already there)
@@ -30,7 +29,7 @@ mkdir -p "$RUN"
 #    the weights of this recipe's finished runs for those seeds instead
 if [ -n "$SOUP" ]; then
     MODELS=()
-    for s in $SOUP; do MODELS+=("${RECIPE}_s${s}$SUFFIX/ft/model"); done
+    for s in $SOUP; do MODELS+=("${RECIPE}_s${s}/ft/model"); done
     $PYTHON merge.py --models "${MODELS[@]}" --out "$RUN/ft/model"
 else
     $PYTHON train.py --dataset beir/nfcorpus/train --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
