@@ -35,7 +35,7 @@ else
     $PYTHON train.py --dataset beir/nfcorpus/train --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
         --max_steps "$STEPS" --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --false_negative_margin "$FNM" \
         --attention_dropout "$ADROP" --seed "$SEED" --query_max_len 64 --dtype "$DTYPE" --out_dir "$RUN/ft" \
-        --log_every 10
+        --log_every 10 --eval_dataset none  # dev is scored below, once
 fi
 
 # 3. dev (for choosing settings), then test
