@@ -96,10 +96,10 @@ SHARED_FLAGS = {
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help keeps the docstring's layout and shows each flag's default; a flag whose default is
-    decided at run time (None) says what it is in its help."""
+    decided at run time (None) says what it is in its help, and a required one (...) shows none."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+        if action.default in (None, False, ..., argparse.SUPPRESS) or "%(default)" in action.help:
             return action.help
         return action.help + " (default: %(default)s)"
 

@@ -14,8 +14,10 @@ import cli
 import data
 import encode
 import evaluate
+import merge
 import mine
 import retrieval
+import score
 import train
 from conftest import ROOT
 
@@ -283,6 +285,13 @@ def test_crlf_bom_unicode_and_long_lines_still_work(tmp_path, tiny_model):
     run("train", "--model", tiny_model, "--train_data", tmp_path / "t.jsonl", "--batch_size", 4,
         "--chunk_size", 64, "--out_dir", tmp_path / "o", "--device", "cpu")
     assert (tmp_path / "o" / "model" / "model.safetensors").exists()
+
+
+def test_help_shows_defaults_and_no_placeholder():
+    """--help gives each flag's default, and a required flag none (not argparse's `Ellipsis`)."""
+    for script in (*SCRIPTS.values(), score, merge):
+        text = script.parser.format_help()
+        assert "Ellipsis" not in text and "(default: " in text, script.__name__
 
 
 def test_errors_are_one_line_with_exit_status_one(tmp_path):
