@@ -132,9 +132,12 @@ def main(args):
 def summarize(rows, totals, asked, mined, args):
     negs = [s for r in rows for s in r["neg_scores"]]
     pos_mean = np.mean([s for r in rows for s in r["pos_scores"]] or [np.nan])
-    print(f"mined {len(rows)} queries -> {args.out}; skipped {max(0, asked - mined)} without a "
-          f"positive and {totals['inconsistent']} whose positives are not in the model's top "
-          f"{args.consistency_k}; negatives a query: {len(negs) / max(1, len(rows)):.2f} (wanted "
+    skipped = f"skipped {max(0, asked - mined)} without a positive"
+    if args.consistency_k:
+        skipped += (f" and {totals['inconsistent']} whose positives are not in the model's top "
+                    f"{args.consistency_k}")
+    print(f"mined {len(rows)} queries -> {args.out}; {skipped}; negatives a query: "
+          f"{len(negs) / max(1, len(rows)):.2f} (wanted "
           f"{args.num_neg}), {totals['short_window']} windows ran short and got "
           f"{totals['random']} random ones; removed from windows: {totals['positive']} positives, "
           f"{totals['same_text']} repeated texts, {totals['margin']} above the margin; scores: "
