@@ -5,8 +5,8 @@
 # Settings are the SciFact recipe's (experiments/scifact.sh), but for EPOCHS (8 over 4 over 2 over 1, on NFCorpus
 # dev: mean of seeds 0, 1, 2 0.3406 against 0.3337 against 0.3248), in-batch negatives only (mined ones tied on
 # dev, docs/quality.md) and one tower (two not measured on NFCorpus); LR 1e-4 over 3e-5 on NFCorpus dev too
-# (0.3232 against 0.3157). SEED=1 ...: another seed. FNM: train.py's --false_negative_margin, off as when the recipe was
-# measured (train.py's default, auto, is 2 x TEMP).
+# (0.3232 against 0.3157). SEED=1 ...: another seed. FNM: train.py's --false_negative_margin, off as when the
+# recipe was measured (train.py's default, auto, is 2 x TEMP).
 # SOUP="0 1 2": the model soup (merge.py) of this recipe's finished runs for those seeds, scored as a run.
 # DTYPE: the precision of mining, training and dev (fp32 by default: bf16 is the fast one only where the
 # processor computes in bf16, e.g. a GPU; the rows before 2026-12-02 ran bf16). Test is always fp32.
