@@ -10,13 +10,14 @@ import argparse
 import contextlib
 import datetime
 import errno
-import glob
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
 import tempfile
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,14 @@ def run(main, parser):
     try:
         main(parser.parse_args())
     except InputError as e:
-        sys.exit(f"error: {e}")
+        error = f"error: {e}"
+    else:
+        error = None
+    finally:
+        for held in list(LIVE):  # a folder claimed and left unused goes, with its lock file
+            held.release()
+    if error:
+        sys.exit(error)
 
 # -------------------------------------------------------------------------------------------- flags
 
@@ -93,6 +101,17 @@ SHARED_FLAGS = {
     "ef_search": dict(type=positive, help="With an HNSW --index: the candidates kept while "
                                           "searching (more: slower, closer to exact)."),
 }
+
+def no_effect(args, parser, names, why):
+    """A one-line error for the first of these flags given (other than its default) where it has
+    no effect: why says when it would have one."""
+    for name in names:
+        action = next(a for a in parser._actions if a.dest == name)
+        default = action.default
+        if isinstance(default, str) and action.type is not None:  # as argparse parses a default
+            default = action.type(default)
+        if getattr(args, name) != default:
+            raise InputError(f"--{name} has no effect {why}")
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help keeps the docstring's layout and shows each flag's default; a flag whose default is
@@ -161,7 +180,9 @@ def atomic_write(path, write_fn, mode="w"):
     disk is one line (cli.InputError), the file as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    # in a claimed folder through its temporary folder, whose leftovers are known to be ours
+    temp = temp_folder(path) or folder
+    fd, tmp = tempfile.mkstemp(dir=temp, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
     encoding = None if "b" in mode else "utf-8"
     try:
@@ -187,51 +208,242 @@ def write_jsonl(path, rows):
                  lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 def output(path, folder=True):
-    """Check, before any work, that an output can be written: a folder (created) or a file's folder,
-    writable, and not a file where a folder should be (or the reverse)."""
-    target = path if folder else os.path.dirname(os.path.abspath(path))
-    try:
-        if not folder and os.path.isdir(path):
-            raise OSError(f"{path} is a folder")
-        os.makedirs(target, exist_ok=True)
-        tempfile.TemporaryFile(dir=target).close()
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    """Check, before any work, that an output can be written, without making anything yet (a
+    command that stops with an error leaves no folder behind): not a file where a folder should be
+    (or the reverse), and its nearest existing folder writable."""
+    existing = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    if not folder and os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"cannot write {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: {existing} is not writable")
     return path
 
-def claim(folder, swapped=("model", "best")):
-    """Hold folder/.lock while this process lives, so that a second run writing the same folder
-    stops at once, and tidy what a killed run left there: temporary files go, and a folder that
-    swap_in moved aside comes back if its replacement never arrived. Returns the open lock file:
-    keep it."""
-    import fcntl
-    lock = open(os.path.join(output(folder), ".lock"), "w")
+# ------------------------------------------------------------------------------------------ folders
+#
+# A script removes, replaces or reads as its own only what it wrote itself, and it knows that from a
+# record it keeps in the folder (RECORD): the names each script wrote there, and the one temporary
+# folder its unfinished writes go to. Everything else in the folder is the user's and stays as it
+# is; a name the script has to write that the user already has there stops it in one line.
+
+RECORD = ".written_by.json"
+LOCK = ".lock"
+CLAIMED = {}  # a claimed folder (its real path) -> its temporary folder, for atomic_write
+LIVE = weakref.WeakSet()  # the claims this process holds, released by run() when main stops
+
+def read_record(folder):
+    """{"files": {name: the script that wrote it}, "temp": name of the temporary folder} of a
+    folder, or an empty record when it has none."""
+    path = os.path.join(folder, RECORD)
+    if not os.path.isfile(path):
+        return {"files": {}, "temp": None}
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise InputError(f"{folder}: another run is writing there; wait for it, or give another "
-                         f"folder") from None
-    for leftover in glob.glob(os.path.join(folder, "*.tmp")):
-        if os.path.isdir(leftover):
-            shutil.rmtree(leftover)
-        else:
-            os.remove(leftover)
-    for name in swapped:  # only these: a user's own *.old files are left alone
-        old, final = os.path.join(folder, name + ".old"), os.path.join(folder, name)
-        if os.path.isdir(old) and not os.path.exists(final):  # killed between swap_in's two renames
-            os.rename(old, final)
-        elif os.path.isdir(old):
-            shutil.rmtree(old)
-    return lock
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get("files"), dict)):
+        raise InputError(f"{path}: not a record this project wrote; move it away")
+    return record
+
+def lock_folder(folder):
+    """folder/.lock, locked: a second process writing the same folder stops at once. The file is
+    removed when the claim ends, so the lock taken must be on the file that is there now."""
+    import fcntl
+    path = os.path.join(folder, LOCK)
+    while True:
+        lock = open(path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise InputError(f"{folder}: another run is writing there; wait for it, or give "
+                             f"another folder") from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+            return lock
+        lock.close()  # its holder removed it as we opened it: lock the new one
+
+class Claim:
+    """An output folder this process writes: locked while the claim lives, with the names the
+    script owns there in the folder's record, and a temporary folder (named in the record) that
+    atomic_write and swap_in write through. Whatever a killed run left in the temporary folder is
+    removed at the next claim (a folder swap_in had moved aside comes back first)."""
+
+    def __init__(self, folder, script):
+        self.folder = os.path.abspath(folder)
+        self.script = script
+        self.lock = None
+        self.made = self.folder  # the highest folder this claim makes (to remove it if unused)
+        while not os.path.exists(os.path.dirname(self.made)):
+            self.made = os.path.dirname(self.made)
+        if os.path.exists(self.made):
+            self.made = None
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot write {folder}: {e.strerror or e}") from None
+        self.lock = lock_folder(self.folder)
+        LIVE.add(self)
+        self.record = read_record(self.folder)
+        self.had_record = bool(self.record["files"])
+        if not self.record.get("temp"):  # a name nothing in the folder has yet
+            name = ".partial"
+            while os.path.lexists(os.path.join(self.folder, name)):
+                name = f".partial-{secrets.token_hex(4)}"
+            self.record["temp"] = name
+        self.temp = os.path.join(self.folder, self.record["temp"])
+        self.tidy()
+        os.makedirs(self.temp)
+        CLAIMED[os.path.realpath(self.folder)] = self.temp
+
+    def tidy(self):
+        """Put back a folder swap_in moved aside and whose replacement never came, then remove the
+        temporary folder (everything in it is this project's, by the record)."""
+        if not os.path.isdir(self.temp):
+            return
+        for entry in os.listdir(self.temp):
+            name = entry.removesuffix(".old")
+            final = os.path.join(self.folder, name)
+            moved_aside = entry.endswith(".old") and name in self.record["files"]
+            if moved_aside and not os.path.lexists(final):
+                os.rename(os.path.join(self.temp, entry), final)
+        shutil.rmtree(self.temp)
+
+    def own(self, names):
+        """Add names to what this script writes in the folder; a name that is there already must
+        be its own (by the record), or this stops in one line, nothing changed."""
+        for name in names:
+            path = os.path.join(self.folder, name)
+            owner = self.record["files"].get(name)
+            if owner is None and os.path.lexists(path):
+                raise InputError(f"{path} is there, and {self.script} did not write it; give "
+                                 f"another folder, or move it away (nothing was changed)")
+            if owner not in (None, self.script):
+                raise InputError(f"{path} was written by {owner}; give {self.script} another "
+                                 f"folder (nothing was changed)")
+        for name in names:
+            self.record["files"][name] = self.script
+        write_json(os.path.join(self.folder, RECORD), self.record)
+
+    def present(self):
+        """The names of this script's files that are in the folder now."""
+        return [name for name, script in self.record["files"].items()
+                if script == self.script and os.path.lexists(os.path.join(self.folder, name))]
+
+    def clear(self):
+        """Remove this script's files of an earlier run (and only those): a fresh run does this
+        before its first write, so that the folder never holds parts of two runs."""
+        for name in self.present():
+            path = os.path.join(self.folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+    def release(self):
+        """End the claim: the temporary folder goes, the record keeps only the names that are
+        there, and the lock file goes; a folder this claim made and left empty goes too."""
+        if self.lock is None:
+            return
+        CLAIMED.pop(os.path.realpath(self.folder), None)
+        self.tidy()
+        files = self.record["files"]
+        self.record["files"] = {name: script for name, script in files.items()
+                                if os.path.lexists(os.path.join(self.folder, name))}
+        record = os.path.join(self.folder, RECORD)
+        if self.record["files"]:
+            write_json(record, self.record)
+        elif os.path.isfile(record):
+            os.remove(record)
+        os.remove(os.path.join(self.folder, LOCK))  # while still holding it: see lock_folder
+        self.lock.close()
+        self.lock = None
+        if self.made is not None:
+            folder = self.folder
+            while not os.listdir(folder):
+                os.rmdir(folder)
+                if folder == self.made:
+                    break
+                folder = os.path.dirname(folder)
+
+    def __del__(self):  # a claim dropped without release(), e.g. by a test calling main()
+        try:
+            self.release()
+        except Exception:  # at interpreter shutdown the modules may be gone already
+            pass
+
+def claim(folder, script, names=(), rank=0, world=1):
+    """Claim an output folder for script (e.g. "train.py") and the names it writes there -> the
+    Claim (keep it: the folder is held while it lives). Under torchrun rank 0 claims, and the
+    other ranks, once it has, write their files through its temporary folder."""
+    held = None
+    if rank == 0:
+        held = Claim(folder, script)
+        held.own(names)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        temp = read_record(folder)["temp"]
+        CLAIMED[os.path.realpath(folder)] = os.path.join(os.path.abspath(folder), temp)
+    return held
+
+def temp_folder(path):
+    """The temporary folder of the claimed folder path lies in, or None."""
+    folder = os.path.dirname(os.path.realpath(path))
+    while folder not in CLAIMED:
+        if os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
+    return CLAIMED[folder]
 
 def swap_in(tmp, final):
-    """Replace the folder final by the folder tmp (written beside it). A kill between the two
-    renames leaves final.old, which claim puts back."""
-    old = final + ".old"
+    """Replace the folder final (in a claimed folder) by the folder tmp, written in that claimed
+    folder's temporary folder. A kill between the two renames leaves final's old version there as
+    NAME.old, which the next claim puts back."""
+    old = os.path.join(temp_folder(final), os.path.basename(final) + ".old")
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
     os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+def whole(path, script):
+    """Whether the folder path was written whole by script (its record inside says so)."""
+    return read_record(path)["files"].get("*") == script
+
+def check_folder(path, script):
+    """Before any work: the folder path, which script writes whole (write_folder), is new, empty or
+    script's own, and so are PATH.tmp and PATH.old beside it if they are there."""
+    for name in (path, path + ".tmp", path + ".old"):
+        if os.path.isfile(name) or (os.path.isdir(name) and os.listdir(name)
+                                    and not whole(name, script)):
+            raise InputError(f"{name} is there, and {script} did not write it; give another --out, "
+                             f"or move it away (nothing was changed)")
+    output(path)
+
+def write_folder(path, script, write):
+    """Write the folder path whole: write(tmp) fills PATH.tmp beside it, marked as script's by a
+    record inside, which then replaces path. A kill at any moment leaves path as it was or as it is
+    to be, and PATH.tmp or PATH.old beside it, which the next write_folder of script cleans up (or
+    puts back)."""
+    path = os.path.abspath(path).rstrip("/")
+    check_folder(path, script)
+    tmp = path + ".tmp"
+    old = path + ".old"
+    if os.path.isdir(old) and not os.path.exists(path):  # killed between the two renames below
+        os.rename(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    with disk_full_is_an_error(tmp):
+        # the record first: a kill while write() runs leaves a PATH.tmp known to be script's
+        write_json(os.path.join(tmp, RECORD), {"files": {"*": script}, "temp": None})
+        write(tmp)
+    if os.path.isdir(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
 # ------------------------------------------------------------------------------------------ devices

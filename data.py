@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import unicodedata
 import zipfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,29 @@ from concurrent.futures import ThreadPoolExecutor
 from cli import InputError, atomic_write
 
 # --------------------------------------------------------------------------------------- text files
+
+def text_problem(text):
+    """What is wrong with a text a stage reads (a document, a query, a train line's query, positive
+    or negative), or None: it must be a string of valid Unicode (no lone surrogate: half an emoji,
+    which JSON's \\ud83d escapes can give) that is not empty once spaces and invisible characters
+    (zero-width spaces, byte-order marks, control characters) are taken away."""
+    if not isinstance(text, str):
+        return f"a string, not {json.dumps(text)[:40]}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "valid Unicode (it holds a lone surrogate, half of a character)"
+    visible = [c for c in text if not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf")]
+    if not visible:
+        return "a non-empty text (it is empty, or only spaces and invisible characters)"
+    return None
+
+def check_text(text, where):
+    """text, or an InputError naming where it is (file and line, or id) and what is wrong."""
+    problem = text_problem(text)
+    if problem:
+        raise InputError(f"{where}: the text must be {problem}")
+    return text
 
 def read_lines(path, offsets=None):
     """Yield (line number, line) for each non-empty line of a UTF-8 text file (a byte-order mark is
@@ -79,15 +103,17 @@ def read_ids(path, known):
 
 # ----------------------------------------------------------------------------------------- datasets
 
-def load_dataset(ref, split=None):
+def load_dataset(ref, split=None, split_flag="--split"):
     """(corpus, queries, qrels) of a BEIR folder + split, or of an ir_datasets id (whose split is
     part of the id). Only the queries that the qrels name are kept, or all queries when the split
-    has no qrels."""
+    has no qrels. split_flag: the flag that gives the split, as the calling script spells it."""
     if os.path.isdir(ref):
+        if not split:
+            raise InputError(f"{ref}: a BEIR folder needs {split_flag} (e.g. test)")
         corpus, queries, qrels = load_beir_folder(ref, split)
     elif split:
-        raise InputError(f"--split {split} only applies to a BEIR folder; put the split in the "
-                         f"ir_datasets id (e.g. beir/scifact/{split})")
+        raise InputError(f"{split_flag} {split} only applies to a BEIR folder; put the split in "
+                         f"the ir_datasets id (e.g. beir/scifact/{split})")
     else:
         corpus, queries, qrels = load_ir_datasets(ref)
     for qid, docs in qrels.items():
@@ -144,10 +170,13 @@ def read_corpus(path):
         doc_id = str(row["_id"])
         if doc_id in ids:
             raise InputError(f"{path}:{n}: id {doc_id!r} again")
-        if (not doc_id or doc_id.split() != [doc_id]
-                or not doc_text(row.get("title"), row.get("text"))):
-            raise InputError(f"{path}:{n}: each line needs an '_id' without spaces and a non-empty "
-                             f"'text' (or 'title')")
+        if not doc_id or doc_id.split() != [doc_id]:
+            raise InputError(f"{path}:{n}: each line needs an '_id' without spaces")
+        for key in ("title", "text"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise InputError(f"{path}:{n}: {key!r} must be a string, not "
+                                 f"{json.dumps(row[key])[:40]}")
+        check_text(doc_text(row.get("title"), row.get("text")), f"{path}:{n}")
         ids[doc_id] = None
     if not ids:
         raise InputError(f"{path}: no lines in it")
@@ -175,8 +204,6 @@ def read_qrels(path):
     return qrels
 
 def load_beir_folder(folder, split):
-    if not split:
-        raise InputError(f"{folder}: a BEIR folder needs --split (e.g. test)")
     corpus = read_corpus(os.path.join(folder, "corpus.jsonl"))
     queries = read_corpus(os.path.join(folder, "queries.jsonl"))
     qrels = read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
@@ -210,11 +237,13 @@ def load_ir_datasets(dataset_id):
 
         def read(row, doc_id):  # a text is read from ir_datasets' docstore when it is asked for
             doc = store.get(doc_id)
-            return doc_text(getattr(doc, "title", ""), doc.text)
+            text = doc_text(getattr(doc, "title", ""), doc.text)
+            return check_text(text, f"{dataset_id}: document {doc_id!r}")
         corpus = Corpus(ids, read)
         if len(corpus) < len(ids):
             print(f"{dataset_id}: {len(ids) - len(corpus)} repeated document ids, each kept once")
-        queries = {q.query_id: q.text.strip() for q in ds.queries_iter()}
+        queries = {q.query_id: check_text(q.text.strip(), f"{dataset_id}: query {q.query_id!r}")
+                   for q in ds.queries_iter()}
         qrels = {}
         for r in ds.qrels_iter() if ds.has_qrels() else []:
             qrels.setdefault(r.query_id, {})[r.doc_id] = int(r.relevance)
@@ -230,10 +259,11 @@ def load_ir_datasets(dataset_id):
 # --------------------------------------------------------------------------------------- train data
 
 def is_text(x):
-    return isinstance(x, str) and x.strip() != ""
+    return text_problem(x) is None
 
 def is_string(x):
-    return isinstance(x, str)
+    """A string of valid Unicode, which may be empty (a line's "prompt" "" is no instruction)."""
+    return isinstance(x, str) and (not x.strip() or text_problem(x) is None)
 
 def is_id(x):
     return isinstance(x, (str, int)) and not isinstance(x, bool) and str(x).strip() != ""
@@ -244,11 +274,11 @@ def is_score(x):
 # Each key of a train line: the check of its value (or of each item of a list), whether it is a
 # list, and what the error says it must be.
 TRAIN_FIELDS = {
-    "query": (is_text, False, "a non-empty string"),
+    "query": (is_text, False, "a non-empty string of valid Unicode"),
     "prompt": (is_string, False, "a string"),
     "qid": (is_id, False, "an id (a string or an integer)"),
-    "pos": (is_text, True, "a list of non-empty strings"),
-    "neg": (is_text, True, "a list of non-empty strings"),
+    "pos": (is_text, True, "a list of non-empty strings of valid Unicode"),
+    "neg": (is_text, True, "a list of non-empty strings of valid Unicode"),
     "pos_ids": (is_id, True, "a list of ids"),
     "neg_ids": (is_id, True, "a list of ids"),
     "pos_scores": (is_score, True, "a list of finite numbers"),
@@ -294,6 +324,36 @@ def read_train_jsonl(path):
         counts = ", ".join(f"{key!r} in {c} lines" for key, c in unknown.items())
         print(f"{path}: keys not read (ignored): {counts}")
     return examples
+
+# FlagEmbedding's switch: data whose path (file or folder) has this in its name trains each query
+# against its own group only, without in-batch negatives (classification, clustering data).
+NO_IN_BATCH_NEG = "-no_in_batch_neg"
+
+def train_sources(paths):
+    """--train_data as FlagEmbedding reads it -> [(file, in_batch_negatives)]: each path a jsonl
+    file, or a folder whose .jsonl and .json files (in name order) are each a source of their own;
+    in_batch_negatives is False where the path has NO_IN_BATCH_NEG in it. The same file twice, under
+    any spelling, is an error."""
+    sources = []
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.endswith((".jsonl", ".json")))
+            if not names:
+                raise InputError(f"--train_data {path}: a folder without .jsonl or .json files")
+            files = [os.path.join(path, n) for n in names]
+        elif os.path.isfile(path):
+            files = [path]
+        else:
+            raise InputError(f"--train_data {path}: file not found")
+        sources += [(f, NO_IN_BATCH_NEG not in path) for f in files]
+    seen = {}
+    for file, _ in sources:
+        real = os.path.realpath(file)
+        if real in seen:
+            raise InputError(f"--train_data names {file} twice (also as {seen[real]}); give each "
+                             f"file once")
+        seen[real] = file
+    return sources
 
 def examples_from_qrels(corpus, queries, qrels):
     """Train examples from a dataset's qrels: every document with grade > 0 is a positive; no

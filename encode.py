@@ -16,7 +16,6 @@ pads only to its own longest text; the order is restored on output.
 """
 import time
 
-import torch
 
 import cli
 import data
@@ -36,17 +35,22 @@ parser.add_argument("--shard_size", type=cli.positive, default=100_000,
 
 def main(args):
     device, rank, world = cli.setup_device(args.device)
-    # one writer; a killed run's temp files go
-    lock = cli.claim(args.out) if rank == 0 else None  # noqa: F841
-    if world > 1:
-        torch.distributed.barrier()  # the others write only once rank 0 has cleaned
     dtype = cli.default_dtype(args.dtype, device)
     corpus, queries, _ = data.load_dataset(args.dataset, args.split)
-    model = for_inference(args.model, device, dtype, passage_max_len=args.max_len)
+    # held until main returns: encode.py's files in --out, and nothing else there; a rerun resumes
+    # after the last complete shard, which is encode.py's own by the folder's record
+    shards = retrieval.shard_names(len(corpus), args.shard_size)
+    names = ["meta.json", *retrieval.files(["queries", *shards])]
+    out = cli.claim(args.out, "encode.py", names, rank, world)  # noqa: F841
+    try:
+        model = for_inference(args.model, device, dtype, passage_max_len=args.max_len)
+    except cli.InputError as e:  # the model calls the setting by train.py's flag
+        raise cli.InputError(str(e).replace("--passage_max_len", "--max_len")) from None
     t0 = time.time()
     meta = {"model": args.model, "dataset": args.dataset, "split": args.split, "dtype": dtype,
             "dim": model.dim, **model.settings,
-            "model_fingerprint": retrieval.model_fingerprint(model)}
+            "model_fingerprint": retrieval.model_fingerprint(model),
+            "queries": retrieval.texts_fingerprint(queries)}
     retrieval.encode_corpus(model, corpus, args.out, meta, args.shard_size, args.store,
                             args.batch_size, rank, world)
     if rank != 0:

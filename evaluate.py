@@ -44,6 +44,8 @@ parser.add_argument("--compare", nargs="+",
                     help="evaluate.py --out folders: each one's difference to the first, with a "
                          "paired t-test.")
 
+OUT_FILES = ("run.trec", "metrics.json")  # what evaluate.py writes in --out
+
 def compare(folders):
     """Differences of each run to the first, per measure, with a paired t-test over the common
     queries."""
@@ -72,12 +74,21 @@ def compare(folders):
             print(f"  {m:<11} {a.mean():.4f} -> {b.mean():.4f}  diff {b.mean() - a.mean():+.4f}  "
                   f"paired t-test p = {p:.3g}")
 
-def score_encoding(args, corpus, qrels, search_options):
+def score_encoding(args, corpus, queries, qrels, search_options):
     """evaluate.py --emb: the encoding's corpus a shard at a time, its vectors of the qrels'
-    queries."""
+    queries; both must be of the dataset's texts (fingerprints), and of one dimension."""
     docs = retrieval.Shards(args.emb, corpus, args.dataset)
+    if docs.meta.get("queries") != retrieval.texts_fingerprint(queries):
+        raise cli.InputError(f"{args.emb}: an encoding of other queries than {args.dataset}'s "
+                             f"(other texts, or another split), or made before query encodings "
+                             f"had fingerprints; encode again")
+    retrieval.make_index(args.index, args.dim or docs.dim, len(docs.ids), args.nprobe,
+                         args.ef_search)
     q_ids = sorted(qrels)
     emb_ids, emb = retrieval.load_embeddings(args.emb, "queries")
+    if emb.shape[1] != docs.dim:
+        raise cli.InputError(f"{args.emb}: query vectors of {emb.shape[1]} dimensions, documents "
+                             f"of {docs.dim}; encode both with one model")
     row = {qid: i for i, qid in enumerate(emb_ids)}
     missing = [qid for qid in q_ids if qid not in row]
     if missing:
@@ -105,8 +116,10 @@ def write_outputs(args, run, means, per_query, model_name):
 def main(args):
     if args.compare:
         return compare(args.compare)
-    if args.out:
-        cli.output(args.out)
+    if args.emb:  # the encoding's own model, dtype and batches made its vectors
+        cli.no_effect(args, parser, ("model", "dtype", "batch_size"), "with --emb")
+    # held until main returns: evaluate.py's files in --out, and nothing else there
+    out = cli.claim(args.out, "evaluate.py", OUT_FILES) if args.out else None  # noqa: F841
     corpus, queries, qrels = data.load_dataset(args.dataset, args.split)
     if not qrels:
         raise cli.InputError(f"{args.dataset}: no qrels to evaluate against")
@@ -117,13 +130,15 @@ def main(args):
                       "ef_search": args.ef_search}
     if args.emb:
         model_name = args.emb
-        run, means, per_query = score_encoding(args, corpus, qrels, search_options)
+        run, means, per_query = score_encoding(args, corpus, queries, qrels, search_options)
     else:
         model_name = args.model
         model = for_inference(args.model, device, cli.default_dtype(args.dtype, device))
         if (args.dim or 0) > model.dim:  # before any encoding
             raise cli.InputError(f"--dim {args.dim}: the model's embeddings have {model.dim} "
                                  f"dimensions")
+        retrieval.make_index(args.index, args.dim or model.dim, len(corpus), args.nprobe,
+                             args.ef_search)
         run, means, per_query = retrieval.evaluate_model(model, corpus, queries, qrels,
                                                          args.batch_size, args.k,
                                                          args.ignore_identical_ids, args.dim,

@@ -29,6 +29,14 @@ def add_adapters(encoder, rank, alpha, dropout, targets):
         inject_adapter_in_model(config, encoder)
     except ValueError as e:  # no module of that name
         raise InputError(f"--lora_targets {' '.join(targets)}: {str(e).splitlines()[0]}") from None
+    # merging and saving (merged_state_dict, save_adapter) know linear layers only: refused now,
+    # not at the first save after hours of training
+    for name, layer in adapters(encoder).items():
+        if not isinstance(layer.get_base_layer(), torch.nn.Linear):
+            kind = type(layer.get_base_layer()).__name__
+            raise InputError(f"--lora_targets {' '.join(targets)}: {name} is not a linear layer "
+                             f"({kind}); LoRA here adapts linear layers only (e.g. "
+                             f"{' '.join(BERT_TARGETS)})")
     encoder.lora_config = config  # what save_adapter writes
 
 def has_adapters(encoder):

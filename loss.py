@@ -78,6 +78,15 @@ def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, mar
                                         float("-inf"))
         return F.cross_entropy(scores, targets)
 
+def own_group_info_nce(q, d, temp, group_size):
+    """InfoNCE of each query against its own group [p_i, n_i,1 .. n_i,G-1] only, without in-batch
+    negatives: FlagEmbedding's "-no_in_batch_neg" data (classification, clustering), where another
+    query's positive is often this query's too -> the mean loss over the B queries. Nothing is
+    gathered: each rank's queries need only their own documents."""
+    with torch.autocast(q.device.type, enabled=False):
+        scores = group_scores(q, d, group_size) / temp  # (B, G): the positive in column 0
+        return F.cross_entropy(scores, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
 @torch.no_grad()
 def accuracy(q, d, group_size, offset=0, rows=1024):
     """In-batch accuracy: the share of queries whose best-scoring document is their positive

@@ -7,11 +7,10 @@ Averaging the weights of models fine-tuned from one start (Wortsman et al. 2022,
 often beats each of them; averaging a fine-tuned model with the model it started from keeps part of
 what the start knew (LM-Cocktail, FlagEmbedding's answer to forgetting). Every weight is sum_m w_m *
 theta_m with the --weights normalised to sum to 1 (default: equal). The settings (pooling, prefixes,
-lengths, towers) are the first model's; the models must agree on them, and on every weight's name
-and shape.
+lengths, towers) are the first model's; the models must agree on them, on their tokenizers (a word
+must become the same ids in each: an embedding row means the same token only then), and on every
+weight's name and shape.
 """
-import shutil
-
 import torch
 
 import cli
@@ -24,8 +23,33 @@ parser.add_argument("--weights", nargs="+", type=cli.rate,
                     help="One weight a model, normalised to sum to 1. Default: equal weights.")
 
 # settings a merged model cannot mix: its vectors mean something else if any differs
-SAME_SETTINGS = ("pooling", "normalize", "query_prefix", "doc_prefix", "separate_towers",
-                 "append_eos")
+SAME_SETTINGS = (
+    "pooling",
+    "normalize",
+    "query_prefix",
+    "doc_prefix",
+    "separate_towers",
+    "append_eos",
+    "pool_prompt",
+)
+# a text that shows lowercasing, accents, punctuation, digits, other scripts and the special tokens
+# added around a text
+PROBE = "Hello WORLD: naïve Café, 3.14 km/h -- Ünïcode 東京 résumé?!"
+
+def tokenizer_facts(tokenizer):
+    """What decides the ids a text becomes, by name: two tokenizers that agree on all of them
+    tokenize alike."""
+    return {
+        "vocabulary": tokenizer.get_vocab(),
+        "special tokens": tokenizer.special_tokens_map,
+        "padding side": tokenizer.padding_side,
+        "ids of a probe text": tokenizer(PROBE)["input_ids"],
+    }
+
+def dense_activation(settings):
+    """The activation of the model's Dense, where it has one (the weights' shapes are checked
+    apart)."""
+    return (settings["dense"] or {}).get("activation_function")
 
 def check(args):
     if len(args.models) < 2:
@@ -36,11 +60,12 @@ def check(args):
 
 def main(args):
     check(args)
-    cli.output(args.out)
+    cli.check_folder(args.out, "merge.py")  # before any work: new, empty or a merge
     weights = args.weights or [1.0] * len(args.models)
     weights = [w / sum(weights) for w in weights]
     merged = BiEncoder(args.models[0])  # the result: the first model's settings and tokenizer
     first = merged.state_dict()
+    first_tokenizer = tokenizer_facts(merged.tokenizer)
     total = {name: weights[0] * value.double() for name, value in first.items()}
     for path, weight in zip(args.models[1:], weights[1:]):
         model = BiEncoder(path)
@@ -48,6 +73,16 @@ def main(args):
             if model.settings[key] != merged.settings[key]:
                 raise cli.InputError(f"{path}: {key} {model.settings[key]!r}, not "
                                      f"{merged.settings[key]!r} as in {args.models[0]}")
+        if dense_activation(model.settings) != dense_activation(merged.settings):
+            raise cli.InputError(f"{path}: Dense activation {dense_activation(model.settings)!r}, "
+                                 f"not {dense_activation(merged.settings)!r} as in "
+                                 f"{args.models[0]}")
+        tokenizer = tokenizer_facts(model.tokenizer)
+        differs = [fact for fact in tokenizer if tokenizer[fact] != first_tokenizer[fact]]
+        if differs:
+            raise cli.InputError(f"{path}: its tokenizer differs from that of {args.models[0]} "
+                                 f"({', '.join(differs)}); models that give a word other ids "
+                                 f"cannot be averaged")
         state = model.state_dict()
         if state.keys() != first.keys():
             other = sorted(state.keys() ^ first.keys())[0]
@@ -60,11 +95,7 @@ def main(args):
             total[name] += weight * value.double()
     with torch.no_grad():  # averaged in float64, stored in each weight's own dtype
         merged.load_state_dict({name: value.to(first[name].dtype) for name, value in total.items()})
-    tmp = args.out.rstrip("/") + ".tmp"  # written beside, then swapped in whole
-    shutil.rmtree(tmp, ignore_errors=True)
-    with cli.disk_full_is_an_error(tmp):
-        merged.save(tmp)
-    cli.swap_in(tmp, args.out.rstrip("/"))
+    cli.write_folder(args.out, "merge.py", merged.save)  # written beside, then swapped in whole
     shares = ", ".join(f"{w:.3g} x {path}" for w, path in zip(weights, args.models))
     print(f"merged {shares} -> {args.out}")
     return merged

@@ -24,9 +24,12 @@ filters. Deterministic for a --seed. Writes FlagEmbedding's format with ids and 
 teacher's, if any): {"qid", "query", "pos", "pos_ids", "pos_scores", "neg", "neg_ids",
 "neg_scores"}.
 """
+import os
 import shutil
+import tempfile
 
 import numpy as np
+import torch
 
 import cli
 import data
@@ -86,9 +89,37 @@ def own_pairs(args):
                                  f"{args.corpus}")
     return examples, corpus
 
+def check_flags(args):
+    """Flags without effect among the others given, and an --out that is one of the inputs: one
+    line each, before any work."""
+    if args.train_data:  # the pairs replace --dataset's qrels and, with --corpus, its corpus
+        cli.no_effect(args, parser, ("dataset", "split", "queries"), "with --train_data")
+    else:
+        cli.no_effect(args, parser, ("corpus",), "without --train_data (the negatives come from "
+                      "--dataset's corpus)")
+    for flag in ("train_data", "corpus"):
+        path = getattr(args, flag)
+        if path and os.path.realpath(path) == os.path.realpath(args.out):
+            raise cli.InputError(f"--out {args.out} is --{flag}: writing it would replace the "
+                                 f"input; give another --out")
+    cli.output(args.out, folder=False)
+
+def encoding_folder(args, rank, world):
+    """A new folder beside --out for the corpus's vectors, removed once the negatives are written
+    (a unique name: nothing there is taken for it or removed with it); every rank gets rank 0's."""
+    name = [None]
+    if rank == 0:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        prefix = f".{os.path.basename(args.out)}.encoding-"
+        name = [tempfile.mkdtemp(dir=folder, prefix=prefix)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(name)
+    return name[0]
+
 def main(args):
     device, rank, world = cli.setup_device(args.device)
-    cli.output(args.out, folder=False)
+    check_flags(args)
     dtype = cli.default_dtype(args.dtype, device)
 
     # what to mine: a dataset's qrels, or your own pairs
@@ -107,25 +138,29 @@ def main(args):
         raise cli.InputError(f"{args.dataset}: no positives in its qrels to mine around")
     # before the long work
     teacher = load_teacher(args.teacher, device, dtype) if args.teacher else None
+    model = for_inference(args.model, device, dtype)
+    retrieval.make_index(args.index, model.dim, len(corpus), args.nprobe, args.ef_search)
 
     # the corpus's vectors: encode.py's (--emb), or encoded here, each rank its shards
-    model = for_inference(args.model, device, dtype)
-    folder = args.emb or args.out + ".emb"
-    if not args.emb:
-        meta = {"model": args.model, "dataset": source, "split": args.split, "dtype": dtype,
-                **model.settings, "model_fingerprint": retrieval.model_fingerprint(model)}
-        retrieval.encode_corpus(model, corpus, folder, meta, 100_000, "fp32", args.batch_size,
-                                rank, world)
-    if rank != 0:  # rank 0 searches and writes
-        return []
-    docs = retrieval.Shards(folder, corpus, source, model)  # the same documents, the same model
-    search_options = {"device": device, "index": args.index, "nprobe": args.nprobe,
-                      "ef_search": args.ef_search}
-    rows, totals = negatives.mine(model, docs, corpus, examples, args, teacher, args.batch_size,
-                                  **search_options)
-    cli.write_jsonl(args.out, rows)
-    if not args.emb:
-        shutil.rmtree(folder)
+    folder = args.emb or encoding_folder(args, rank, world)
+    try:
+        if not args.emb:
+            meta = {"model": args.model, "dataset": source, "split": args.split, "dtype": dtype,
+                    **model.settings, "model_fingerprint": retrieval.model_fingerprint(model)}
+            retrieval.encode_corpus(model, corpus, folder, meta, 100_000, "fp32",
+                                    args.batch_size, rank, world)
+        if rank != 0:  # rank 0 searches and writes
+            return []
+        docs = retrieval.Shards(folder, corpus, source, model)  # the same documents and model
+        search_options = {"device": device, "index": args.index, "nprobe": args.nprobe,
+                          "ef_search": args.ef_search}
+        rows, totals = negatives.mine(model, docs, corpus, examples, args.range, args.num_neg,
+                                      args.margin, args.sampling, args.seed, args.consistency_k,
+                                      teacher, args.batch_size, **search_options)
+        cli.write_jsonl(args.out, rows)
+    finally:
+        if not args.emb and rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
     summarize(rows, totals, asked, len(examples), args)
     return rows
 

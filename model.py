@@ -14,7 +14,10 @@ transformers' AutoModel.
 Settings that must match between training and inference (pooling, normalize, prefixes, max lengths,
 separate towers) travel in `biencoder.json` inside the saved folder. A plain Hugging Face folder
 gets them from its sentence-transformers files when it has them (all-MiniLM-L6-v2: mean pooling,
-normalize, 256 tokens), else from DEFAULTS (BGE's: the CLS token, normalized).
+normalize, 256 tokens), else from DEFAULTS (BGE's: the CLS token, normalized). Those files are read
+whole (its 5.x and 6.x layouts): the Transformer or a Router of two towers, Pooling in any one of
+its modes with or without the instruction's tokens, a Dense layer (trained with the rest), Normalize
+and the query and document prompts; a module or option we cannot run is refused, never ignored.
 """
 import atexit
 import json
@@ -235,7 +238,11 @@ def with_adapter_merged(path):
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     parent = os.path.dirname(os.path.abspath(path))
     source = parent if os.path.isfile(os.path.join(parent, SETTINGS)) else base
-    write(folder, SETTINGS, read_settings(source, is_decoder(read_config(base))))
+    settings = read_settings(source, is_decoder(read_config(base)))
+    if settings["dense"] is not None:  # no part of the adapter: the checkpoint's (or base's) own
+        dense = settings["dense"]["path"]
+        shutil.copytree(os.path.join(source, dense), os.path.join(folder, dense))
+    write(folder, SETTINGS, settings)
     return folder
 
 # ----------------------------------------------------------------------------------------- settings
@@ -252,6 +259,8 @@ DEFAULTS = {
     "passage_max_len": 512,
     "separate_towers": False,
     "append_eos": False,
+    "pool_prompt": True,  # False: pooling leaves out each text's instruction tokens
+    "dense": None,  # sentence-transformers' Dense module after pooling, where the model has one
 }
 # A decoder left to the defaults gets FlagEmbedding's decoder_only settings: its last token (an
 # end-of-sequence token appended to every text, as tevatron's append_eos_token), normalised, and an
@@ -266,39 +275,264 @@ DECODER_DEFAULTS = {
 # With separate towers a checkpoint holds two Hugging Face folders, one a tower;
 # sentence-transformers routes queries and documents to them (its Router module).
 TOWERS = {"query": "query", "doc": "document"}
+POOLINGS = ("cls", "mean", "last", "max", "mean_sqrt_len_tokens", "weightedmean")
+# sentence-transformers' Pooling modes -> ours, and the one boolean a mode of its 5.x config files
+# (6.x reads them too, and writes "pooling_mode": a name, or a list of names to concatenate)
+ST_POOLING = {
+    "cls": "cls",
+    "mean": "mean",
+    "max": "max",
+    "lasttoken": "last",
+    "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "weightedmean": "weightedmean",
+}
+ST_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# The sentence-transformers modules we run, in this order (a Router stands for the Transformer:
+# one tower a kind); Dense and Normalize are optional.
+ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+# A Transformer's options (sentence_bert_config.json, 5.x and 6.x) that leave its vectors as our
+# Bert or AutoModel gives them; any other option is refused rather than ignored.
+ST_TRANSFORMER_DEFAULTS = {
+    "transformer_task": "feature-extraction",
+    "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+    "module_output_name": "token_embeddings",
+    "query_expansion": None,
+    "processing_kwargs": {},
+    "tokenizer_args": {},
+    "processor_kwargs": {},
+}
+# options that only say how to load the weights (dtype, attention kernel) or how to batch
+ST_TRANSFORMER_LOADING = {
+    "model_args",
+    "model_kwargs",
+    "config_args",
+    "config_kwargs",
+    "unpad_inputs",
+    "cache_dir",
+    "backend",
+}
+# before sentence_bert_config.json, sentence-transformers named the file after the architecture
+ST_TRANSFORMER_FILES = (
+    "sentence_bert_config.json",
+    "sentence_roberta_config.json",
+    "sentence_distilbert_config.json",
+    "sentence_camembert_config.json",
+    "sentence_albert_config.json",
+    "sentence_xlm-roberta_config.json",
+    "sentence_xlnet_config.json",
+)
+ST_DENSE_DEFAULTS = {"bias": True, "activation_function": "torch.nn.modules.activation.Tanh"}
 
 def read_settings(path, decoder=False):
-    """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files,
-    else DEFAULTS (DECODER_DEFAULTS for a decoder)."""
+    """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files
+    (modules.json and the modules' configs), else DEFAULTS (DECODER_DEFAULTS for a decoder)."""
     defaults = DECODER_DEFAULTS if decoder else DEFAULTS
+    if os.path.isfile(os.path.join(path, SETTINGS)):
+        return {**defaults, **data.read_json(os.path.join(path, SETTINGS))}
+    if os.path.isfile(os.path.join(path, "modules.json")):
+        return read_st_settings(path, defaults)
+    return dict(defaults)
 
-    def file(name):
-        return os.path.join(path, name)
-    if os.path.isfile(file(SETTINGS)):
-        return {**defaults, **data.read_json(file(SETTINGS))}
+def st_class(module_type):
+    """A modules.json type -> the class name of a sentence-transformers module ("Pooling" for
+    "sentence_transformers.models.Pooling" (5.x) or for
+    "sentence_transformers.sentence_transformer.modules.pooling.Pooling" (6.x)), or the type whole
+    for a module of another package."""
+    if module_type.startswith("sentence_transformers."):
+        return module_type.rsplit(".", 1)[-1]
+    return module_type
+
+def read_st_settings(path, defaults):
+    """Settings from a sentence-transformers folder of its 5.x or 6.x layout, so that our forward
+    gives its vectors: the Transformer (or a Router with one Transformer for "query" and one for
+    "document"), Pooling, an optional Dense and Normalize, and the prompts of encode_query and
+    encode_document. A module, mode or option we cannot run is an InputError naming it."""
     settings = dict(defaults)
-    if os.path.isfile(file("modules.json")):
-        modules = data.read_json(file("modules.json"))
-        settings["normalize"] = any(m["type"].endswith("Normalize") for m in modules)
-        for m in modules:
-            if not m["type"].endswith("Pooling"):
-                continue
-            pool = data.read_json(os.path.join(path, m["path"], "config.json"))
-            if pool.get("pooling_mode_mean_tokens"):
-                settings["pooling"] = "mean"
-            elif pool.get("pooling_mode_lasttoken"):
-                settings["pooling"] = "last"
-            else:
-                settings["pooling"] = "cls"
-    if os.path.isfile(file("sentence_bert_config.json")):
-        max_len = data.read_json(file("sentence_bert_config.json"))["max_seq_length"]
-        settings["query_max_len"] = max_len
-        settings["passage_max_len"] = max_len
-    if os.path.isfile(file("config_sentence_transformers.json")):
-        prompts = data.read_json(file("config_sentence_transformers.json")).get("prompts") or {}
-        settings["query_prefix"] = prompts.get("query", "")
-        settings["doc_prefix"] = prompts.get("document", "")
+    settings["append_eos"] = False  # its tokenizer as saved: sentence-transformers adds nothing
+    settings["normalize"] = False
+    modules = data.read_json(os.path.join(path, "modules.json"))
+    at = 0  # modules must come in ST_MODULES' order, each at most once
+    for m in modules:
+        name = st_class(m.get("type", "of no type"))
+        kind = "Transformer" if name == "Router" else name
+        if kind not in ST_MODULES[at:] or (at == 0 and kind != "Transformer"):
+            raise InputError(f"{path}: its sentence-transformers module {name} "
+                             f"({m.get('path') or 'the folder itself'}) cannot run here: we run "
+                             f"Transformer, Pooling, Dense and Normalize, in that order")
+        at = ST_MODULES.index(kind) + 1
+        folder = os.path.join(path, m.get("path", ""))
+        if name == "Router":
+            towers = tower_folders(path)
+            settings["separate_towers"] = True
+            settings["query_max_len"] = st_max_len(towers["query"], "query")
+            settings["passage_max_len"] = st_max_len(towers["doc"], "doc")
+        elif name == "Transformer":
+            if m.get("path"):
+                raise InputError(f"{path}: its Transformer module is in {m['path']}/; we read the "
+                                 f"transformer from the folder itself")
+            settings["query_max_len"] = st_max_len(folder, "query")
+            settings["passage_max_len"] = st_max_len(folder, "doc")
+        elif name == "Pooling":
+            settings["pooling"] = st_pooling(folder)
+            settings["pool_prompt"] = bool(read_st_config(folder).get("include_prompt", True))
+        elif name == "Dense":
+            settings["dense"] = st_dense(folder, m["path"])
+        else:
+            normalized = read_st_config(folder).get("module_input_name", "sentence_embedding")
+            if normalized != "sentence_embedding":
+                raise InputError(f"{folder}: Normalize of {normalized!r}; we normalise the "
+                                 f"sentence embedding only")
+            settings["normalize"] = True
+    if at < 2:
+        raise InputError(f"{path}: no Pooling module after its Transformer in modules.json; we "
+                         f"embed a text as one pooled vector")
+    file = os.path.join(path, "config_sentence_transformers.json")
+    config = data.read_json(file) if os.path.isfile(file) else {}
+    if config.get("model_type", "SentenceTransformer") != "SentenceTransformer":
+        raise InputError(f"{file}: a {config['model_type']}, not a SentenceTransformer "
+                         f"(one dense vector a text)")
+    # encode_query and encode_document (5.x and 6.x alike) prepend the "query" and "document"
+    # prompts, or nothing: never default_prompt_name's (that is plain encode's) nor "passage"
+    prompts = config.get("prompts") or {}
+    settings["query_prefix"] = prompts.get("query") or ""
+    settings["doc_prefix"] = prompts.get("document") or ""
+    # Our search ranks by cosine. A dot product or a euclidean distance ranks unit vectors as the
+    # cosine does, but not vectors of other lengths; manhattan distance never: such a model would
+    # be searched otherwise than it was trained for, so it is refused.
+    similarity = config.get("similarity_fn_name") or "cosine"
+    as_cosine = similarity == "cosine" or (settings["normalize"] and similarity in ("dot",
+                                                                                  "euclidean"))
+    if not as_cosine:
+        raise InputError(f"{file}: similarity_fn_name {similarity!r} with normalize "
+                         f"{settings['normalize']} ranks documents otherwise than our cosine "
+                         f"search")
     return settings
+
+def read_st_config(folder, names=("config.json",)):
+    """A sentence-transformers module's config: the first of the files names that is in folder,
+    or {} (a module saved without one takes its defaults)."""
+    for name in names:
+        if os.path.isfile(os.path.join(folder, name)):
+            return data.read_json(os.path.join(folder, name))
+    return {}
+
+def st_max_len(folder, kind):
+    """The max length in tokens sentence-transformers gives texts of a kind ("query" or "doc") in
+    the Transformer module saved in folder: 6.x's query_length or document_length, else its
+    max_seq_length, else (6.x no longer writes it) the tokenizer's model_max_length capped at the
+    model's max_position_embeddings, as its Transformer does. Options it would honour and we
+    cannot are refused."""
+    config = read_st_config(folder, ST_TRANSFORMER_FILES)
+    for key, value in config.items():
+        if key in ST_TRANSFORMER_LOADING or key in ("max_seq_length", "query_length",
+                                                    "document_length", "do_lower_case"):
+            continue
+        if key not in ST_TRANSFORMER_DEFAULTS or value not in (ST_TRANSFORMER_DEFAULTS[key], None):
+            raise InputError(f"{folder}: its sentence-transformers Transformer has {key} "
+                             f"{value!r}, which we cannot honour")
+    if config.get("do_lower_case"):
+        # sentence-transformers lowercases in the tokenizer; fine where it lowercases already
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer("Hello World")["input_ids"] != tokenizer("hello world")["input_ids"]:
+            raise InputError(f"{folder}: do_lower_case true with a tokenizer that keeps case; "
+                             f"we do not lowercase texts")
+    per_kind = config.get("query_length" if kind == "query" else "document_length")
+    if per_kind or config.get("max_seq_length"):
+        return per_kind or config["max_seq_length"]
+    limits = [read_st_config(folder, ("tokenizer_config.json",)).get("model_max_length"),
+              read_st_config(folder).get("max_position_embeddings")]
+    limits = [n for n in limits if isinstance(n, int) and n > 0]  # xlnet's -1: no limit
+    return min(limits, default=DEFAULTS["passage_max_len"])
+
+def st_pooling(folder):
+    """Our pooling for a sentence-transformers Pooling config: one mode (6.x: "pooling_mode";
+    5.x: one boolean a mode, mean where none is set); several modes at once are refused."""
+    config = read_st_config(folder)
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in ST_POOLING_KEYS.items() if config.get(key)] or ["mean"]
+    if isinstance(modes, str):
+        modes = [modes]
+    if len(modes) != 1 or modes[0] not in ST_POOLING:
+        raise InputError(f"{folder}: pooling mode {'+'.join(map(str, modes))}; we pool with one "
+                         f"of {', '.join(ST_POOLING)}")
+    return ST_POOLING[modes[0]]
+
+def st_dense(folder, relative):
+    """Our "dense" setting for a sentence-transformers Dense module (saved in folder, relative to
+    the model folder): its config, with where its weights are."""
+    config = read_st_config(folder)
+    for key in ("module_input_name", "module_output_name"):
+        if config.get(key, "sentence_embedding") != "sentence_embedding":
+            raise InputError(f"{folder}: a Dense module with {key} {config[key]!r}; we project the "
+                             f"sentence embedding only")
+    if config.get("use_residual"):
+        raise InputError(f"{folder}: a Dense module with use_residual true, which we do not run")
+    if not {"in_features", "out_features"} <= config.keys():
+        raise InputError(f"{folder}/config.json: a Dense module needs in_features and "
+                         f"out_features")
+    return {
+        "path": relative,
+        "in_features": config["in_features"],
+        "out_features": config["out_features"],
+        "bias": config.get("bias", ST_DENSE_DEFAULTS["bias"]),
+        "activation_function": config.get("activation_function",
+                                          ST_DENSE_DEFAULTS["activation_function"]),
+    }
+
+def tower_folders(path):
+    """The folders of the query and document towers of a model with two ({"query": ..., "doc":
+    ...}), or None for one tower: those sentence-transformers' router_config.json routes "query"
+    and "document" to (path/query and path/document as we save them), each one Transformer."""
+    file = os.path.join(path, "router_config.json")
+    if not os.path.isfile(file):
+        if os.path.isdir(os.path.join(path, TOWERS["query"])):  # a checkpoint of ours
+            return {kind: os.path.join(path, name) for kind, name in TOWERS.items()}
+        return None
+    router = data.read_json(file)
+    structure = router.get("structure") or {}
+    types = router.get("types") or {}
+    ours = (sorted(structure) == ["document", "query"]
+            and all(len(route) == 1 and st_class(types.get(route[0], "")) == "Transformer"
+                    for route in structure.values())
+            and not (router.get("parameters") or {}).get("route_mappings"))
+    if not ours:
+        raise InputError(f"{file}: routes {structure}; we run one Transformer for \"query\" and "
+                         f"one for \"document\"")
+    return {kind: os.path.join(path, structure[name][0]) for kind, name in TOWERS.items()}
+
+def load_dense(path, dense):
+    """The Dense module of the model in path (the "dense" setting): its linear layer, with the
+    weights of its folder (model.safetensors or pytorch_model.bin, as sentence-transformers saves
+    them), and its activation function (a torch.nn module, built without arguments as
+    sentence-transformers builds it)."""
+    folder = os.path.join(path, dense["path"])
+    name = dense["activation_function"]
+    activation = getattr(nn, name.rsplit(".", 1)[-1], None) if name.startswith("torch.") else None
+    if not (isinstance(activation, type) and issubclass(activation, nn.Module)):
+        raise InputError(f"{folder}: Dense activation_function {name!r} is not a torch.nn module")
+    linear = nn.Linear(dense["in_features"], dense["out_features"], bias=dense["bias"])
+    files = [os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")]
+    if not any(os.path.isfile(f) for f in files):
+        raise InputError(f"{folder}: no Dense weights in it (model.safetensors or "
+                         f"pytorch_model.bin)")
+    try:
+        if os.path.isfile(files[0]):
+            state = load_file(files[0])
+        else:
+            state = torch.load(files[1], map_location="cpu", weights_only=True)
+        linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+    # a truncated file, a missing weight, a shape its config does not give
+    except Exception as e:
+        raise InputError(f"{folder}: not the weights of its Dense config ({e})") from None
+    return linear, activation()
 
 # --------------------------------------------------------------------------------------- bi-encoder
 
@@ -319,18 +553,19 @@ class BiEncoder(nn.Module):
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             path = with_adapter_merged(path)
         # a checkpoint with two towers holds a Hugging Face folder for each
-        has_towers = os.path.isdir(os.path.join(path, TOWERS["query"]))
-        doc_path = os.path.join(path, TOWERS["doc"]) if has_towers else path
-        query_path = os.path.join(path, TOWERS["query"]) if has_towers else path
+        towers = tower_folders(path)
+        has_towers = towers is not None
+        doc_path = towers["doc"] if has_towers else path
+        query_path = towers["query"] if has_towers else path
         config = read_config(doc_path)
         self.decoder = is_decoder(config)
         self.settings = read_settings(path, self.decoder)
         for key, value in overrides.items():
             if value is not None:
                 self.settings[key] = value
-        if self.settings["pooling"] not in ("cls", "mean", "last"):
-            raise InputError(f"unknown pooling {self.settings['pooling']!r}; choose cls, mean or "
-                             f"last")
+        if self.settings["pooling"] not in POOLINGS:
+            raise InputError(f"unknown pooling {self.settings['pooling']!r}; choose "
+                             f"{', '.join(POOLINGS)}")
         if has_towers and not self.settings["separate_towers"]:
             raise InputError(f"{path}: a checkpoint with separate towers; it cannot become one "
                              f"shared tower")
@@ -354,6 +589,15 @@ class BiEncoder(nn.Module):
         if self.settings["append_eos"]:
             end_with_eos(self.tokenizer, path)
         self.check_room(path)
+        self.prompt_lengths = {}  # instruction -> its tokens (prompt_length)
+        # sentence-transformers' Dense after pooling, where the model has one: (B, H) -> (B, D)
+        self.dense = None
+        self.dense_activation = None
+        if self.settings["dense"] is not None:
+            self.dense, self.dense_activation = load_dense(path, self.settings["dense"])
+            if self.dense.in_features != self.encoder.config.hidden_size:
+                raise InputError(f"{path}: its Dense takes {self.dense.in_features} features, "
+                                 f"its transformer gives {self.encoder.config.hidden_size}")
         positions = getattr(self.encoder.config, "max_position_embeddings", float("inf"))
         for key in ("query_max_len", "passage_max_len"):
             if self.settings[key] > positions:
@@ -380,6 +624,9 @@ class BiEncoder(nn.Module):
 
     @property
     def dim(self):
+        """The embeddings' width: the Dense's output where there is one, else the transformer's."""
+        if self.dense is not None:
+            return self.dense.out_features
         return self.encoder.config.hidden_size
 
     def towers(self):
@@ -411,21 +658,54 @@ class BiEncoder(nn.Module):
             return self.query_encoder
         return self.encoder
 
-    def tokenize(self, texts, kind, padding=True):
+    def tokenize(self, texts, kind, padding=True, prompts=None):
         """Prefix and tokenize texts of a kind ("query" or "doc"), truncated to its max length:
         (B, L) tensors padded to the longest, or with padding=False lists of ids (to sort by length
-        and pad later)."""
+        and pad later). prompts: one instruction a text that replaces the kind's prefix (a train
+        line's "prompt", FlagEmbedding's format), None for the prefix. With pool_prompt off the
+        batch also holds "pool_mask", shaped as attention_mask: 1 on the tokens that pooling
+        reads, the real ones after the text's instruction."""
         if kind == "query":
             prefix, max_len = self.settings["query_prefix"], self.settings["query_max_len"]
         else:
             prefix, max_len = self.settings["doc_prefix"], self.settings["passage_max_len"]
-        return self.tokenizer([prefix + t for t in texts], padding=padding, truncation=True,
-                              max_length=max_len, return_tensors="pt" if padding else None,
-                              return_token_type_ids=False)
+        if prompts is None:
+            prompts = [None] * len(texts)
+        assert len(prompts) == len(texts), f"{len(prompts)} prompts for {len(texts)} texts"
+        prompts = [prefix if p is None else p for p in prompts]
+        batch = self.tokenizer([p + t for p, t in zip(prompts, texts)], padding=padding,
+                               truncation=True, max_length=max_len,
+                               return_tensors="pt" if padding else None,
+                               return_token_type_ids=False)
+        if self.settings["pool_prompt"]:
+            return batch
+        skip = [self.prompt_length(p) for p in prompts]
+        if padding:
+            mask = batch["attention_mask"]  # (B, L)
+            first = mask.argmax(1, keepdim=True)  # each text's first real token (left padding)
+            after = torch.arange(mask.shape[1]) >= first + torch.tensor(skip).unsqueeze(1)
+            batch["pool_mask"] = mask * after  # (B, L)
+        else:  # a list a text, as its ids
+            batch["pool_mask"] = [[0] * min(n, len(ids)) + [1] * max(len(ids) - n, 0)
+                                  for n, ids in zip(skip, batch["input_ids"])]
+        return batch
+
+    def prompt_length(self, prompt):
+        """The tokens an instruction takes at the start of a text, counted as sentence-transformers
+        counts them for include_prompt false: the instruction tokenized alone, less the special
+        token it ends with ([SEP], an appended EOS); so [CLS] or BOS counts in it. 0 for none."""
+        if not prompt:
+            return 0
+        if prompt not in self.prompt_lengths:
+            ids = self.tokenizer(prompt)["input_ids"]
+            ends_special = ids[-1] in self.tokenizer.all_special_ids
+            self.prompt_lengths[prompt] = len(ids) - int(ends_special)
+        return self.prompt_lengths[prompt]
 
     def forward(self, batch, kind):
-        """batch: the tokenizer's input_ids and attention_mask (B, L), best still on the CPU ->
-        embeddings (B, D), in float32 when normalised (even under bf16)."""
+        """batch: the tokenizer's input_ids and attention_mask (B, L) (and pool_mask, with
+        pool_prompt off), best still on the CPU -> embeddings (B, D), in float32 when normalised
+        (even under bf16)."""
         device = next(self.parameters()).device
         padded = not bool(batch["attention_mask"].all())  # decided on the CPU: no wait for the GPU
         ids = batch["input_ids"].to(device, non_blocking=True)  # (B, L)
@@ -435,17 +715,36 @@ class BiEncoder(nn.Module):
         if not torch.is_tensor(hidden):  # transformers' models return an output object
             hidden = hidden.last_hidden_state
         pooling = self.settings["pooling"]
-        if pooling == "cls":
-            emb = hidden[:, 0]
-        elif pooling == "mean":  # over the real tokens only
-            m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        rows = torch.arange(hidden.shape[0], device=device)
+        # the tokens pooled: the real ones, less each text's instruction when pool_prompt is off
+        # (as sentence-transformers' Pooling with include_prompt false)
+        pool = mask
+        if "pool_mask" in batch:
+            pool = batch["pool_mask"].to(device, non_blocking=True)  # (B, L)
+        m = pool.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        if pooling == "cls":  # the first token pooled: [CLS], or the first after the instruction
+            emb = hidden[rows, pool.argmax(1)]
+        elif pooling == "mean":
             emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        elif pooling == "mean_sqrt_len_tokens":  # the sum over the square root of the count
+            emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1).sqrt()
+        elif pooling == "max":  # each dimension's largest value over the tokens pooled
+            emb = hidden.masked_fill(m == 0, float("-inf")).max(1).values
+        elif pooling == "weightedmean":
+            # a text's tokens weigh 1, 2, 3, ... from its first real token (past left padding); the
+            # instruction's are left out, the others keep their weights
+            first = mask.argmax(1, keepdim=True)  # (B, 1)
+            position = torch.arange(1, mask.shape[1] + 1, device=device) - first  # (B, L)
+            w = m * position.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+            emb = (hidden * w).sum(1) / w.sum(1).clamp(min=1)
         else:  # "last": the last real token of each text
             if bool(mask[:, -1].all()):  # left padding (or none): position L - 1 in every row
                 last = torch.full_like(mask[:, 0], mask.shape[1] - 1)
             else:  # right padding: just after the real tokens
                 last = mask.sum(1) - 1
-            emb = hidden[torch.arange(hidden.shape[0], device=device), last]
+            emb = hidden[rows, last]
+        if self.dense is not None:  # sentence-transformers' Dense: (B, H) -> (B, D)
+            emb = self.dense_activation(self.dense(emb))
         if self.settings["normalize"]:
             emb = F.normalize(emb.float(), dim=-1)
         return emb
@@ -463,13 +762,20 @@ class BiEncoder(nn.Module):
             bar = tqdm(total=len(texts), desc=progress, unit=kind, mininterval=2)
         if batch_size is None:
             batch_size = 256 if device.type == "cuda" else 32
-        tokens = self.tokenize(texts, kind, padding=False)["input_ids"]
+        tokenized = self.tokenize(texts, kind, padding=False)
+        tokens = tokenized["input_ids"]
+        pool_masks = tokenized.get("pool_mask")  # with pool_prompt off: a list a text
         order = np.argsort([-len(t) for t in tokens], kind="stable")
         out = torch.empty(len(texts), self.dim, dtype=torch.float32, device=device)
 
         # in the background thread; pinned memory lets the copy to a GPU run asynchronously
         def pad(idx):
             batch = self.tokenizer.pad({"input_ids": [tokens[j] for j in idx]}, return_tensors="pt")
+            if pool_masks is not None:  # padded as attention_mask: its real tokens, in order
+                pool = torch.zeros_like(batch["attention_mask"])
+                pool[batch["attention_mask"].bool()] = torch.tensor(
+                    [x for j in idx for x in pool_masks[j]])
+                batch["pool_mask"] = pool
             if device.type == "cuda":
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             return idx, batch
@@ -487,8 +793,9 @@ class BiEncoder(nn.Module):
         so that SentenceTransformer(path) gives the same vectors: encode_document (or plain encode)
         for documents, encode_query (or prompt_name="query") for queries. With separate towers each
         tower is a Hugging Face folder of its own (path/query, path/document), routed by
-        sentence-transformers' Router."""
-        s = self.settings
+        sentence-transformers' Router. A Dense goes to path/2_Dense in its format (config.json,
+        model.safetensors); the config files are those its 5.x and 6.x series both read."""
+        s = dict(self.settings)
         if self.query_encoder is None:
             save_encoder(self.encoder, path, self.sources["doc"])
             self.save_tokenizer(path)
@@ -509,19 +816,30 @@ class BiEncoder(nn.Module):
                 "parameters": {"default_route": "document", "allow_empty_key": True},
             })
             first = {"type": "sentence_transformers.models.Router"}
-        modules = [first, {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}]
+        modules = [first, {"type": "sentence_transformers.models.Pooling"}]
+        if self.dense is not None:
+            modules.append({"type": "sentence_transformers.models.Dense"})
         if s["normalize"]:
-            modules.append({"type": "sentence_transformers.models.Normalize",
-                            "path": "2_Normalize"})
+            modules.append({"type": "sentence_transformers.models.Normalize"})
         for i, module in enumerate(modules):
-            module.update(idx=i, name=str(i), path=module.get("path", ""))
+            # the Transformer (or Router) in the folder itself, then 1_Pooling, 2_Dense, ...
+            folder = f"{i}_{st_class(module['type'])}" if i else ""
+            module.update(idx=i, name=str(i), path=folder)
         write(path, "modules.json", modules)
         write(path, "1_Pooling/config.json", {
-            "word_embedding_dimension": self.dim,
-            "pooling_mode_cls_token": s["pooling"] == "cls",
-            "pooling_mode_mean_tokens": s["pooling"] == "mean",
-            "pooling_mode_lasttoken": s["pooling"] == "last",
+            "word_embedding_dimension": self.encoder.config.hidden_size,
+            **{key: ST_POOLING[mode] == s["pooling"] for key, mode in ST_POOLING_KEYS.items()},
+            "include_prompt": bool(s["pool_prompt"]),
         })
+        if self.dense is not None:
+            folder = modules[2]["path"]
+            s["dense"] = {**s["dense"], "path": folder}
+            write(path, f"{folder}/config.json", {k: v for k, v in s["dense"].items()
+                                                  if k != "path"})
+            weights = {f"linear.{k}": v.detach().cpu().contiguous()
+                       for k, v in self.dense.state_dict().items()}
+            save_file(weights, os.path.join(path, folder, "model.safetensors"),
+                      metadata={"format": "pt"})
         write(path, "config_sentence_transformers.json", {
             "prompts": {"query": s["query_prefix"], "document": s["doc_prefix"]},
             "similarity_fn_name": "cosine",

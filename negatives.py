@@ -16,15 +16,15 @@ import torch
 
 import retrieval
 
-def select_negatives(window, query, pos, corpus, doc_ids, args, rng, score):
-    """One query's negatives. window: [(doc_id, score)] of the rank window, best first, positives
-    removed; pos: {doc_id: score} of its positives; doc_ids: all ids (sorted); score(doc_id): the
-    score of any document. -> (chosen [(doc_id, score)], counts of what the filters removed and of
-    the random top-ups)."""
+def select_negatives(window, query, pos, corpus, doc_ids, num_neg, margin, sampling, rng, score):
+    """One query's num_neg negatives. window: [(doc_id, score)] of the rank window, best first,
+    positives removed; pos: {doc_id: score} of its positives; doc_ids: all ids (sorted); margin,
+    sampling: as mine's; score(doc_id): the score of any document. -> (chosen [(doc_id, score)],
+    counts of what the filters removed and of the random top-ups)."""
     floor = min(pos.values())  # the lowest positive score
     limit = float("inf")
-    if args.margin:  # written to stay below the floor when the floor is negative too
-        limit = floor - (1 - args.margin) * abs(floor)
+    if margin:  # written to stay below the floor when the floor is negative too
+        limit = floor - (1 - margin) * abs(floor)
     counts = {"same_text": 0, "margin": 0, "random": 0}
     used = {query} | {corpus[p] for p in pos}  # texts a negative must not repeat
     kept = []
@@ -36,21 +36,21 @@ def select_negatives(window, query, pos, corpus, doc_ids, args, rng, score):
         else:
             used.add(corpus[doc_id])
             kept.append((doc_id, s))
-    if args.sampling == "top":
-        chosen = kept[:args.num_neg]
+    if sampling == "top":
+        chosen = kept[:num_neg]
     else:
-        chosen = rng.sample(kept, min(args.num_neg, len(kept)))
+        chosen = rng.sample(kept, min(num_neg, len(kept)))
     used = {query} | {corpus[p] for p in pos} | {corpus[d] for d, _ in chosen}
     # a window that ran short: random documents, passing the same filters, in a seeded order
-    for doc_id in rng.sample(doc_ids, min(len(doc_ids), 4 * args.num_neg + len(pos))):
-        if len(chosen) >= args.num_neg or doc_id in pos or corpus[doc_id] in used:
+    for doc_id in rng.sample(doc_ids, min(len(doc_ids), 4 * num_neg + len(pos))):
+        if len(chosen) >= num_neg or doc_id in pos or corpus[doc_id] in used:
             continue
         s = score(doc_id)
         if s < limit:
             used.add(corpus[doc_id])
             chosen.append((doc_id, s))
             counts["random"] += 1
-    counts["short_window"] = int(len(kept) < args.num_neg)
+    counts["short_window"] = int(len(kept) < num_neg)
     return chosen, counts
 
 def cosines(docs, q, doc_ids, row_of):
@@ -58,59 +58,59 @@ def cosines(docs, q, doc_ids, row_of):
     d = retrieval.unit(torch.from_numpy(docs.rows([row_of[i] for i in doc_ids]))).numpy()
     return d @ q
 
-def mine(model, docs, corpus, examples, args, teacher=None, batch_size=None, **search_options):
-    """The negatives of each example -> (rows, totals): rows are the examples that stay (all but
-    those --consistency_k drops) with pos_scores, neg, neg_ids and neg_scores; totals count what the
-    filters did. docs: the corpus's encoding by model (retrieval.Shards); args: range, num_neg,
-    margin, sampling, seed, consistency_k; search_options: retrieval.search's device, index, nprobe,
-    ef_search."""
+def mine(model, docs, corpus, examples, window, num_neg, margin=0.0, sampling="random", seed=0,
+         consistency_k=0, teacher=None, batch_size=None, **search_options):
+    """The num_neg negatives of each example from the rank window (start, end) -> (rows, totals):
+    rows are the examples that stay (all but those consistency_k drops) with pos_scores, neg,
+    neg_ids and neg_scores; totals count what the filters did. docs: the corpus's encoding by model
+    (retrieval.Shards); margin, sampling, seed, consistency_k, teacher: as mine.py's flags;
+    search_options: retrieval.search's device, index, nprobe, ef_search."""
     q_emb = model.encode([ex["query"] for ex in examples], "query", batch_size)
     q_emb = retrieval.unit(torch.from_numpy(q_emb)).numpy()  # (Q, D)
     row_of = {doc_id: i for i, doc_id in enumerate(docs.ids)}
 
     # candidates: enough for the window's end plus the positives that are skipped inside it
-    k = max(args.range[1] + max(len(ex["pos_ids"]) for ex in examples), args.consistency_k)
+    k = max(window[1] + max(len(ex["pos_ids"]) for ex in examples), consistency_k)
     scores, idx = retrieval.search(q_emb, docs.mats, k, **search_options)
     totals = {"positive": 0, "inconsistent": 0, "same_text": 0, "margin": 0, "random": 0,
               "short_window": 0}
-    todo = []  # (query row, example, {positive id: score}, window [(doc id, score)])
+    todo = []  # (query row, example, {positive id: score}, its window's [(doc id, score)])
     for qi, ex in enumerate(examples):
         found = [(docs.ids[j], float(s)) for s, j in zip(scores[qi], idx[qi]) if j >= 0]
-        top_ids = [doc_id for doc_id, _ in found[:args.consistency_k]]
-        if args.consistency_k and not any(doc_id in ex["pos_ids"] for doc_id in top_ids):
+        top_ids = [doc_id for doc_id, _ in found[:consistency_k]]
+        if consistency_k and not any(doc_id in ex["pos_ids"] for doc_id in top_ids):
             totals["inconsistent"] += 1  # the model disagrees with the label: likely a noisy pair
             continue
         pos = dict(zip(ex["pos_ids"], cosines(docs, q_emb[qi], ex["pos_ids"], row_of).tolist()))
         totals["positive"] += sum(doc_id in pos for doc_id, _ in found)
-        window = [(doc_id, s) for doc_id, s in found
-                  if doc_id not in pos][args.range[0]:args.range[1]]
-        todo.append((qi, ex, pos, window))
+        ranked = [(doc_id, s) for doc_id, s in found if doc_id not in pos]
+        todo.append((qi, ex, pos, ranked[window[0]:window[1]]))
 
     # with a teacher, its scores of the positives and the windows replace the model's
     if teacher:
-        pairs = [(ex["query"], doc_id) for _, ex, pos, window in todo
-                 for doc_id in [*pos, *(d for d, _ in window)]]
+        pairs = [(ex["query"], doc_id) for _, ex, pos, candidates in todo
+                 for doc_id in [*pos, *(d for d, _ in candidates)]]
         taught = teacher([q for q, _ in pairs], [corpus[d] for _, d in pairs], batch_size)
         at = 0  # the teacher's score of the next pair
-        for qi, ex, pos, window in todo:
+        for qi, ex, pos, candidates in todo:
             for doc_id in pos:
                 pos[doc_id] = taught[at]
                 at += 1
-            for i, (doc_id, _) in enumerate(window):
-                window[i] = (doc_id, taught[at])
+            for i, (doc_id, _) in enumerate(candidates):
+                candidates[i] = (doc_id, taught[at])
                 at += 1
 
     # the negatives of each query
     sorted_ids = sorted(docs.ids)
     rows = []
-    for qi, ex, pos, window in todo:
+    for qi, ex, pos, candidates in todo:
         def score(doc_id):  # a random top-up's score, by whoever scored the window
             if teacher:
                 return teacher([ex["query"]], [corpus[doc_id]])[0]
             return float(cosines(docs, q_emb[qi], [doc_id], row_of)[0])
-        rng = random.Random(f"{args.seed}/{ex['qid']}")
-        chosen, counts = select_negatives(window, ex["query"], pos, corpus, sorted_ids, args, rng,
-                                          score)
+        rng = random.Random(f"{seed}/{ex['qid']}")
+        chosen, counts = select_negatives(candidates, ex["query"], pos, corpus, sorted_ids, num_neg,
+                                          margin, sampling, rng, score)
         for key, value in counts.items():
             totals[key] += value
         rows.append({**ex, "pos_scores": list(pos.values()), "neg": [corpus[d] for d, _ in chosen],

@@ -59,7 +59,7 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
     ids = list(corpus)
     path = os.path.join(folder, "meta.json")
     meta = {**meta, "count": len(ids), "shard_size": shard_size, "store": store,
-            "documents": documents_fingerprint(corpus)}
+            "documents": texts_fingerprint(corpus)}
     if os.path.isfile(path):  # a shard is reused only when what made it is what makes this one
         old = data.read_json(path)
         changed = [key for key in meta if key not in PLACES and old.get(key) != meta[key]]
@@ -70,9 +70,8 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
                              f"those of this run: give another folder, or delete it")
     elif rank == 0:
         cli.write_json(path, meta)  # before any shard: a rerun can tell whose shards these are
-    n_shards = (len(ids) + shard_size - 1) // shard_size
-    names = [f"corpus.{s:05d}" for s in range(n_shards)]
-    todo = [s for s in range(rank, n_shards, world)  # this rank's shards, those not yet written
+    names = shard_names(len(ids), shard_size)
+    todo = [s for s in range(rank, len(names), world)  # this rank's shards, those not yet written
             if not os.path.isfile(os.path.join(folder, f"{names[s]}.ids.txt"))]
     total = sum(len(ids[s * shard_size:(s + 1) * shard_size]) for s in todo)
     bar = tqdm(total=total, desc="encode corpus", unit="doc", disable=rank != 0, mininterval=2)
@@ -87,11 +86,20 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
         cli.write_json(path, {**meta, "shards": names})
     return names
 
+def shard_names(count, shard_size):
+    """The names of the shards of count documents, shard_size a shard: corpus.00000, ..."""
+    return [f"corpus.{s:05d}" for s in range((count + shard_size - 1) // shard_size)]
+
+def files(names):
+    """The files of embedding file pairs (save_embeddings): name.npy and name.ids.txt each."""
+    return [name + ext for name in names for ext in (".npy", ".ids.txt")]
+
 # Where an encoding's model and dataset came from: told, not compared (a path can be written two
 # ways, the fingerprints say whether the weights and the documents are the same).
 PLACES = ("model", "dataset", "split")
 WHAT_CHANGED = {"model_fingerprint": "made by another model (other weights or settings)",
-                "documents": "of other documents (the corpus changed since)"}
+                "documents": "of other documents (the corpus changed since)",
+                "queries": "of other queries (their texts changed since)"}
 
 def fingerprint_update(h, tensor):
     h.update(str((tensor.dtype, tuple(tensor.shape))).encode())
@@ -106,11 +114,12 @@ def model_fingerprint(model):
         fingerprint_update(h, tensor)
     return h.hexdigest()
 
-def documents_fingerprint(corpus):
-    """A short hash of a corpus's ids and texts, in order (every text is read once)."""
+def texts_fingerprint(texts):
+    """A short hash of {id: text} (a corpus, the queries): the ids and texts, in order (every text
+    is read once)."""
     h = hashlib.blake2b(digest_size=8)
-    for doc_id in tqdm(corpus, desc="fingerprint corpus", unit="doc", mininterval=2, disable=None):
-        h.update(f"{doc_id}\0{corpus[doc_id]}\n".encode())
+    for text_id in tqdm(texts, desc="fingerprint texts", unit="text", mininterval=2, disable=None):
+        h.update(f"{text_id}\0{texts[text_id]}\n".encode())
     return h.hexdigest()
 
 class Shards:
@@ -131,12 +140,20 @@ class Shards:
             self.ids += ids
             self.mats.append(mat)
         self.first = np.cumsum([0] + [len(m) for m in self.mats])  # the first row of each shard
+        dims = {m.shape[1] for m in self.mats}
+        if len(dims) > 1:
+            raise InputError(f"{folder}: shards of {' and '.join(map(str, sorted(dims)))} "
+                             f"dimensions; encode again into a new folder")
+        self.dim = dims.pop()
+        if self.meta.get("dim", self.dim) != self.dim:
+            raise InputError(f"{folder}: shards of {self.dim} dimensions where its meta.json says "
+                             f"{self.meta['dim']}; encode again into a new folder")
         # no set of millions of ids
         same = len(self.ids) == len(corpus) and all(i in corpus for i in self.ids)
         if not same:
             raise InputError(f"{folder}: an encoding of {self.meta['dataset']}'s documents, not of "
                              f"{source}'s")
-        if self.meta.get("documents") != documents_fingerprint(corpus):
+        if self.meta.get("documents") != texts_fingerprint(corpus):
             raise InputError(f"{folder}: an encoding of other texts than {source}'s (the same ids, "
                              f"other documents), or made before encodings had fingerprints; encode "
                              f"again")
@@ -207,38 +224,35 @@ def exact_search(q, shards, k, device="cpu", rows=1024, cols=65536):
 
 TRAIN_SAMPLE = 300_000  # vectors an IVF or PQ index learns from (faiss wants 39 to 256 a centroid)
 
-def faiss_search(q, shards, k, factory, nprobe=None, ef_search=None, seed=0):
-    """Top-k by inner product of unit vectors through faiss: an index made from an index_factory
-    string ("Flat": exact; "HNSW32": a graph; "IVF4096,Flat": 4096 clusters, --nprobe of them
-    searched a query; "IVF4096,PQ64": compressed codes), trained where it must be on a seeded sample
-    of the corpus, then filled a shard at a time. faiss is imported here only (the GPU image has
-    none)."""
-    import faiss
-
-    def as_unit(m):
-        return unit(torch.from_numpy(np.array(m, dtype=np.float32))).numpy()
+def make_index(factory, dim, count, nprobe=None, ef_search=None):
+    """An empty faiss index from an index_factory string, for count vectors of dim dimensions, with
+    its search settings -> the index; what faiss would refuse only after the corpus is encoded (a
+    string it cannot parse, more IVF clusters or PQ centroids than vectors to learn them from, a
+    setting the index has not) is a one-line error now. The scripts call it before encoding; with
+    no --index, --nprobe and --ef_search have no effect."""
+    if factory is None:
+        for flag, value in (("--nprobe", nprobe), ("--ef_search", ef_search)):
+            if value is not None:
+                raise InputError(f"{flag} has no effect without --index")
+        return None
+    import faiss  # imported here only (the GPU image has none)
 
     def refused(e):  # faiss's message ends with what went wrong, after where in its C++ it did
         reason = str(e).strip().splitlines()[-1].split(": ")[-1]
         return InputError(f"--index {factory!r}: faiss refused it ({reason})")
-    dim = q.shape[1]
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise refused(e) from None
-    if not index.is_trained:  # clusters (IVF) or codebooks (PQ) to learn from the corpus
-        total = sum(len(m) for m in shards)
-        rng = np.random.default_rng(seed)
-        sample = []
-        for m in shards:  # each shard in proportion to its size
-            size = round(len(m) * min(1.0, TRAIN_SAMPLE / total))
-            sample.append(as_unit(m[np.sort(rng.choice(len(m), size, replace=False))]))
-        try:
-            index.train(np.concatenate(sample))
-        except RuntimeError as e:  # e.g. fewer documents than clusters
-            raise refused(e) from None
-    for m in tqdm(shards, desc="index", unit="shard", mininterval=2, disable=None):
-        index.add(as_unit(m))
+    learned = min(count, TRAIN_SAMPLE)  # the vectors an index that must learn learns from
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nlist > learned:
+        raise InputError(f"--index {factory!r}: {ivf.nlist} clusters for {count} documents; give "
+                         f"at most IVF{max(1, learned // 39)} (faiss wants 39 or more a cluster)")
+    pq = getattr(faiss.downcast_index(ivf if ivf is not None else index), "pq", None)
+    if pq is not None and pq.ksub > learned:
+        raise InputError(f"--index {factory!r}: {pq.ksub} centroids a PQ part for {count} "
+                         f"documents; give fewer bits (e.g. PQ{pq.M}x4) or no PQ")
     space = faiss.ParameterSpace()
     for name, value, flag in (("nprobe", nprobe, "--nprobe"),
                               ("efSearch", ef_search, "--ef_search")):
@@ -248,6 +262,26 @@ def faiss_search(q, shards, k, factory, nprobe=None, ef_search=None, seed=0):
             space.set_index_parameter(index, name, value)
         except RuntimeError:
             raise InputError(f"{flag} {value}: the index {factory!r} has no such setting") from None
+    return index
+
+def faiss_search(q, shards, k, factory, nprobe=None, ef_search=None, seed=0):
+    """Top-k by inner product of unit vectors through faiss: an index made from an index_factory
+    string ("Flat": exact; "HNSW32": a graph; "IVF4096,Flat": 4096 clusters, --nprobe of them
+    searched a query; "IVF4096,PQ64": compressed codes), trained where it must be on a seeded sample
+    of the corpus, then filled a shard at a time."""
+    def as_unit(m):
+        return unit(torch.from_numpy(np.array(m, dtype=np.float32))).numpy()
+    total = sum(len(m) for m in shards)
+    index = make_index(factory, q.shape[1], total, nprobe, ef_search)
+    if not index.is_trained:  # clusters (IVF) or codebooks (PQ) to learn from the corpus
+        rng = np.random.default_rng(seed)
+        sample = []
+        for m in shards:  # each shard in proportion to its size
+            size = round(len(m) * min(1.0, TRAIN_SAMPLE / total))
+            sample.append(as_unit(m[np.sort(rng.choice(len(m), size, replace=False))]))
+        index.train(np.concatenate(sample))
+    for m in tqdm(shards, desc="index", unit="shard", mininterval=2, disable=None):
+        index.add(as_unit(m))
     scores, idx = index.search(as_unit(q), k)
     return scores, idx
 

@@ -61,21 +61,23 @@ def batch_plan(sizes, batch_size, seed, epoch, uniform=False):
         rng.shuffle(plan)
     return plan
 
-def make_batches(model, versions, sizes, use_ids, args, steps, rank, world):
+def make_batches(model, versions, sources, use_ids, args, steps, rank, world):
     """The batch of each of steps, as a dict, made one step ahead in a background thread:
         q, d        this rank's queries (b,) and their documents (b * G,) tokenised, laid out
-                    per query [p_0, n_0,1 .. n_0,G-1, p_1, ...]
+                    per query [p_0, n_0,1 .. n_0,G-1, p_1, ...]; a query with a "prompt" of its
+                    own gets it instead of the model's query instruction (FlagEmbedding's rule)
         d_keys      the keys of the global batch's documents (B * G,), for the false-negative mask
         q_pos_keys  the keys of each of this rank's queries' positives (b, P), padded with -1
         teacher     the data's teacher scores of each group (b, G), with --distill
-    and where it stands: step, epoch, source (the file it came from), offset (this rank's first
-    query) and examples (the numbers of this rank's examples).
+    and where it stands: step, epoch, source (the file it came from), in_batch (False: its queries
+    see only their own group), offset (this rank's first query) and examples (the numbers of this
+    rank's examples). sources: [(name, number of examples, in-batch negatives)], one a file.
     versions: {j: the examples} with, beside the train data as it came (j = 0), the negatives mined
     again after step j (train.py --remine_every), which the dict gets while the steps run: the batch
     of step i + 1 (step i, 0-based) uses the newest with j < i, the only ones that can be there when
     it is made, one step ahead; a resumed run so makes the batches of an uninterrupted one."""
     b = args.batch_size // world
-    sources = args.train_data or [args.dataset]
+    sizes = [size for _, size, _ in sources]
 
     @functools.lru_cache(1)
     def plan(epoch):
@@ -85,7 +87,7 @@ def make_batches(model, versions, sizes, use_ids, args, steps, rank, world):
         examples = versions[max(j for j in versions if j < step or j == 0)]
         epoch, i = divmod(step, len(plan(0)))
         source, batch = plan(epoch)[i]
-        queries, docs, d_keys, pos_keys, teacher, mine = [], [], [], [], [], []
+        queries, prompts, docs, d_keys, pos_keys, teacher, mine = [], [], [], [], [], [], []
         for n, e in enumerate(batch):
             ex = examples[e]
             p, negs = sample_group(ex, args.group_size, args.seed, epoch, e)
@@ -95,15 +97,17 @@ def make_batches(model, versions, sizes, use_ids, args, steps, rank, world):
             if n // b != rank:  # another rank's share of the global batch
                 continue
             mine.append(e)
-            queries.append(ex.get("prompt", "") + ex["query"])
+            queries.append(ex["query"])
+            prompts.append(ex.get("prompt"))  # None: the model's own instruction
             docs += [ex["pos"][p]] + [ex["neg"][j] for j in negs]
             pos_keys.append(pk)
             if args.distill:
                 teacher.append([ex["pos_scores"][p]] + [ex["neg_scores"][j] for j in negs])
         width = max(len(k) for k in pos_keys)
-        return {"step": step, "epoch": epoch, "source": sources[source], "offset": rank * b,
-                "examples": mine,
-                "q": model.tokenize(queries, "query"),
+        name, _, in_batch = sources[source]
+        return {"step": step, "epoch": epoch, "source": name, "in_batch": in_batch,
+                "offset": rank * b, "examples": mine,
+                "q": model.tokenize(queries, "query", prompts=prompts),
                 "d": model.tokenize(docs, "doc"),
                 "d_keys": torch.tensor(d_keys),
                 "q_pos_keys": torch.tensor([k + [-1] * (width - len(k)) for k in pos_keys]),

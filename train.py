@@ -35,7 +35,6 @@ Writes out_dir/model/ (Hugging Face + sentence-transformers files), out_dir/trai
 (everything needed to resume exactly), out_dir/log.jsonl (one line a step and one an evaluation) and
 out_dir/train.png. SIGTERM or SIGINT: finish the step, save, exit 0.
 """
-import argparse
 import functools
 import hashlib
 import json
@@ -57,15 +56,18 @@ import negatives
 import retrieval
 import sampler
 from fused_loss import fused_info_nce
-from loss import accuracy, distill_kl, gather, info_nce, margin_mse, per_query
-from model import DTYPES, BiEncoder, for_inference
+from loss import (accuracy, distill_kl, gather, info_nce, margin_mse, own_group_info_nce,
+                  per_query)
+from model import DTYPES, POOLINGS, BiEncoder, for_inference
 
 parser = cli.parser(__doc__, model=None, dataset="beir/nfcorpus/train", split=None, dtype=None,
                     device="auto", seed=0)
 # data
 parser.add_argument("--train_data", nargs="+",
-                    help="FlagEmbedding jsonl files (query, pos, neg, ...); each batch comes from "
-                         "one of them. Default: the positives of --dataset's qrels.")
+                    help="FlagEmbedding jsonl files (query, pos, neg, ...), or folders of them; "
+                         "each batch comes from one file. A path with -no_in_batch_neg in it: its "
+                         "queries see only their own group (FlagEmbedding's switch). Default: the "
+                         "positives of --dataset's qrels.")
 parser.add_argument("--mix", default="size", choices=["size", "uniform"],
                     help="With several --train_data files: batches from each in proportion to its "
                          "size, or from each as often as from the largest.")
@@ -89,7 +91,7 @@ parser.add_argument("--false_negative_margin", type=cli.margin, default="auto",
                          "times in the softmax (0.1 at the recipes' temperature, 0.04 at BGE's "
                          "0.02; chosen on NFCorpus dev, docs/quality.md); off: keep them all.")
 # model
-parser.add_argument("--pooling", choices=["cls", "mean", "last"],
+parser.add_argument("--pooling", choices=POOLINGS,
                     help="Pooling. Default: the model's.")
 parser.add_argument("--query_prefix",
                     help="An instruction put before each query. Default: the model's.")
@@ -192,6 +194,14 @@ parser.add_argument("--example_log", action="store_true",
                          "hard).")
 parser.add_argument("--resume", nargs="?", const="last", choices=["last", "auto"],
                     help="Continue --out_dir's checkpoint exactly (auto: only if there is one).")
+parser.add_argument("--overwrite", action="store_true",
+                    help="Start afresh in an --out_dir that holds an earlier run of train.py: its "
+                         "files go before the first step (only those: the folder's other files "
+                         "stay).")
+
+# What train.py writes in --out_dir (its record there says so: cli.Claim); the rest is the user's.
+OUT_FILES = ("model", "best", "train_state.pt", "log.jsonl", "examples.jsonl", "train.png",
+             "remined")
 
 # --resume: the flags that define a run must be those it started with, or it would go on as another
 # run; the others may change between the start and a resume, and then take effect from the resumed
@@ -205,7 +215,7 @@ MUST_MATCH = ("model", "dataset", "split", "train_data", "mix", "group_size", "q
               "seed", "dtype", "eval_dataset", "eval_split", "eval_queries", "eval_metric",
               "data_hash")
 MAY_CHANGE = ("device", "compile", "grad_checkpoint", "loss", "chunk_size", "eval_every",
-              "save_every", "log_every", "example_log")
+              "save_every", "log_every", "example_log", "overwrite")
 
 def check_flags(args, world):
     """The checks of flags that need no data, each a one-line error before any work; and the
@@ -222,33 +232,60 @@ def check_flags(args, world):
     if args.remine_every and args.distill:  # the teacher's scores are of the negatives it scored
         raise cli.InputError("--remine_every replaces the negatives that --distill's scores are "
                              "of; use one or the other")
+    if args.overwrite and args.resume:
+        raise cli.InputError("--overwrite starts afresh, --resume continues: give one of them")
+    if not args.remine_every:
+        cli.no_effect(args, parser, ("remine_range", "remine_num_neg", "remine_margin"),
+                      "without --remine_every")
+        if args.train_data:  # --dataset is then the corpus re-mining reads, and nothing else
+            cli.no_effect(args, parser, ("dataset", "split"),
+                          "with --train_data (the data to train on) unless --remine_every")
+    if args.lora_rank == 0:
+        cli.no_effect(args, parser, ("lora_alpha", "lora_dropout", "lora_targets"),
+                      "with --lora_rank 0")
 
 # --------------------------------------------------------------------------------------------- data
 
 def load_examples(args):
     """The train examples, every source's after the other, checked against the flags before the
-    model loads -> (examples, each source's count, whether every one has ids). Sets args.group_size
-    where it was left to the data."""
-    sources = args.train_data or [args.dataset]
-    twice = [path for path in sources if sources.count(path) > 1]
-    if twice:
-        raise cli.InputError(f"--train_data names {twice[0]} twice; give each file once")
+    model loads -> (examples, the sources [(file, number of examples, in-batch negatives)], whether
+    every example has ids). Sets args.group_size where it was left to the data."""
     if args.train_data:
-        parts = [data.read_train_jsonl(path) for path in args.train_data]
+        sources = data.train_sources(args.train_data)
+        parts = [data.read_train_jsonl(path) for path, _ in sources]
     else:
+        sources = [(args.dataset, True)]
         parts = [data.examples_from_qrels(*data.load_dataset(args.dataset, args.split))]
-    for source, part in zip(sources, parts):
+    names = [path for path, _ in sources]
+    if len(sources) == 1:
+        cli.no_effect(args, parser, ("mix",), "with one train file")
+    for source, part in zip(names, parts):
         if not part:
             raise cli.InputError(f"{source}: no training queries with a positive (are its qrels "
                                  f"for this split empty?)")
     examples = [ex for part in parts for ex in part]
-    no_negs = sum(not ex["neg"] for ex in examples)
+    no_negs = [ex for ex in examples if not ex["neg"]]
     if args.group_size is None:
+        # one line without negatives must not silently turn every query to in-batch negatives
+        if no_negs and len(no_negs) < len(examples):
+            ex = no_negs[0]
+            raise cli.InputError(f"{' '.join(names)}: {len(no_negs)} of {len(examples)} queries "
+                                 f"have no negatives (e.g. {ex.get('qid', ex['query'])!r}); give "
+                                 f"--group_size 1 (in-batch negatives only) or mine theirs")
         args.group_size = 1 if no_negs else 4
     if args.group_size > 1 and no_negs:
-        raise cli.InputError(f"{' '.join(sources)}: {no_negs} queries have no negatives but "
+        raise cli.InputError(f"{' '.join(names)}: {len(no_negs)} queries have no negatives but "
                              f"--group_size is {args.group_size}; mine negatives with mine.py or "
                              f"use --group_size 1")
+    # a query must have some document besides its positive to be told from
+    if args.group_size == 1 and args.batch_size == 1:
+        raise cli.InputError("--batch_size 1 --group_size 1: each query sees only its own "
+                             "positive, so the loss is 0 whatever the model; raise either")
+    own_group_only = [name for name, in_batch in sources if not in_batch]
+    if args.group_size == 1 and own_group_only:
+        raise cli.InputError(f"{own_group_only[0]}: its queries see only their own group "
+                             f"({data.NO_IN_BATCH_NEG}), so --group_size 1 leaves nothing to tell "
+                             f"the positive from; give --group_size 2 or more")
     few = sum(0 < len(ex["neg"]) < args.group_size - 1 for ex in examples)
     if few:
         print(f"{few} queries have fewer than {args.group_size - 1} "
@@ -259,7 +296,7 @@ def load_examples(args):
     if args.distill and not all("pos_scores" in ex and "neg_scores" in ex for ex in examples):
         raise cli.InputError("--distill needs pos_scores and neg_scores "
                              "in every line (score.py writes them)")
-    for source, part in zip(sources, parts):
+    for source, part in zip(names, parts):
         if len(part) < args.batch_size:
             raise cli.InputError(f"--batch_size {args.batch_size} is larger than the {len(part)} "
                                  f"training queries of {source}")
@@ -267,7 +304,19 @@ def load_examples(args):
     text = json.dumps(examples, sort_keys=True).encode()
     args.data_hash = hashlib.blake2b(text, digest_size=8).hexdigest()
     use_ids = all("pos_ids" in ex and ("neg_ids" in ex or not ex["neg"]) for ex in examples)
-    return examples, [len(part) for part in parts], use_ids
+    counted = [(name, len(part), in_batch) for (name, in_batch), part in zip(sources, parts)]
+    return examples, counted, use_ids
+
+def count_steps(args, sizes):
+    """-> (steps an epoch, steps of the run), with sizes the examples of each source; a warmup
+    longer than the run is an error."""
+    steps_per_epoch = len(sampler.batch_plan(sizes, args.batch_size, args.seed, 0,
+                                             args.mix == "uniform"))
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    if args.warmup >= 1 and args.warmup > total_steps:
+        raise cli.InputError(f"--warmup {args.warmup:g}: the run has only {total_steps} steps; "
+                             f"give fewer, or a fraction of them (0.1: a tenth)")
+    return steps_per_epoch, total_steps
 
 def remine_corpus(args, examples, use_ids):
     """--remine_every: the corpus to mine from (--dataset's), which must hold every positive, by id.
@@ -287,37 +336,40 @@ def remine_corpus(args, examples, use_ids):
     return corpus
 
 def mined_path(args, step):
-    return os.path.join(args.out_dir, f"mined.{step:07d}.jsonl")
+    """Where the negatives re-mined after a step go: a subfolder of --out_dir that is train.py's by
+    its record, so that no file of the user's is ever taken for one."""
+    return os.path.join(args.out_dir, "remined", f"step.{step:07d}.jsonl")
 
 def with_negatives(examples, path):
-    """The examples with the negatives of a mined.NNNNNNN.jsonl file (one line each, in order); a
-    query none of whose candidates passed the filters keeps the negatives it came with."""
+    """The examples with the negatives of a re-mined file (one line each, in order); a query none
+    of whose candidates passed the filters keeps the negatives it came with."""
     mined = [row for _, row in data.read_jsonl(path)]
     return [{**ex, **row} if row["neg"] else ex for ex, row in zip(examples, mined)]
 
 def mined_versions(args, examples, start, rank):
     """{step: examples} for sampler.make_batches: the train data, and the negatives re-mined after
     each step up to start (the saved step) that are on disk. Files of later steps (written after the
-    checkpoint a resume starts from) go; a fresh run removes all."""
+    checkpoint a resume starts from) go."""
     versions = {0: examples}
-    for name in sorted(os.listdir(args.out_dir)):
-        if not (name.startswith("mined.") and name.endswith(".jsonl")):
-            continue
-        step = int(name.split(".")[1])
+    folder = os.path.join(args.out_dir, "remined")
+    if not os.path.isdir(folder):
+        return versions
+    for name in sorted(os.listdir(folder)):
+        step = int(name.split(".")[1])  # a name mined_path wrote: nothing else is in the folder
         if step <= start:
-            versions[step] = with_negatives(examples, os.path.join(args.out_dir, name))
+            versions[step] = with_negatives(examples, os.path.join(folder, name))
         elif rank == 0:
-            os.remove(os.path.join(args.out_dir, name))
+            os.remove(os.path.join(folder, name))
     return versions
 
 def remine(model, corpus, versions, step, total_steps, args, device, rank, world):
     """--remine_every: after this step, each query's negatives mined again by the model as it is now
-    (in eval mode: no dropout, no random numbers drawn), written to out_dir/mined.NNNNNNN.jsonl
-    before the step's checkpoint, and added to versions. Not after the last step: nothing would use
-    them."""
+    (in eval mode: no dropout, no random numbers drawn), written to out_dir/remined/ before the
+    step's checkpoint, and added to versions. Not after the last step: nothing would use them."""
     if not args.remine_every or step % args.remine_every or step == total_steps:
         return
-    folder = os.path.join(args.out_dir, "remine.tmp")  # the encoding, sharded (claim cleans it up)
+    # the encoding, sharded, in the run's temporary folder (the next claim removes what a kill left)
+    folder = os.path.join(cli.temp_folder(mined_path(args, step)), "remine")
     if rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
     if world > 1:
@@ -327,11 +379,10 @@ def remine(model, corpus, versions, step, total_steps, args, device, rank, world
             "model_fingerprint": retrieval.model_fingerprint(model)}
     retrieval.encode_corpus(model, corpus, folder, meta, 100_000, "fp32", None, rank, world)
     if rank == 0:
-        settings = argparse.Namespace(range=args.remine_range, num_neg=args.remine_num_neg,
-                                      margin=args.remine_margin, sampling="random",
-                                      seed=f"{args.seed}/{step}", consistency_k=0)
         docs = retrieval.Shards(folder, corpus, args.dataset, model)
-        rows, _ = negatives.mine(model, docs, corpus, versions[0], settings, device=device)
+        seed = f"{args.seed}/{step}"
+        rows, _ = negatives.mine(model, docs, corpus, versions[0], args.remine_range,
+                                 args.remine_num_neg, args.remine_margin, seed=seed, device=device)
         keep = ("neg", "neg_ids", "neg_scores")
         cli.write_jsonl(mined_path(args, step), [{k: row[k] for k in keep} for row in rows])
         shutil.rmtree(folder)
@@ -352,10 +403,10 @@ def prefix(x, dim, normalize):
 
 def compute_loss(q, d, batch, args):
     """The loss of this rank's queries q (b, D) and their documents d (b * G, D): the place to try
-    another loss. InfoNCE against the documents of every rank, over the whole embedding, or with
-    --mrl_dims summed over those prefixes of it; plus, with --distill, the teacher's ranking within
-    each query's group. Each term is a mean over this rank's queries (loss.py's convention for many
-    processes)."""
+    another loss. InfoNCE against the documents of every rank (or, for a -no_in_batch_neg source,
+    against the query's own group only), over the whole embedding, or with --mrl_dims summed over
+    those prefixes of it; plus, with --distill, the teacher's ranking within each query's group.
+    Each term is a mean over this rank's queries (loss.py's convention for many processes)."""
     d_all = gather(d)  # (W * b * G, D): every rank's documents are negatives of every query
     keys = ()
     if args.mask_false_negatives:
@@ -368,6 +419,10 @@ def compute_loss(q, d, batch, args):
     loss = 0.0
     for dim in args.mrl_dims or [None]:  # None: the whole embedding
         q_dim = q if dim is None else prefix(q, dim, args.normalize)
+        if not batch["in_batch"]:
+            d_own = d if dim is None else prefix(d, dim, args.normalize)
+            loss = loss + own_group_info_nce(q_dim, d_own, args.temp, args.group_size)
+            continue
         d_dim = d_all if dim is None else prefix(d_all, dim, args.normalize)
         loss = loss + contrastive(q_dim, d_dim, args.temp, args.group_size, batch["offset"], *keys)
     if args.distill == "kl":
@@ -531,9 +586,10 @@ def save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, ran
         dist.all_gather_object(rngs, rng_state(device))
     if rank == 0:
         final = os.path.join(args.out_dir, "model")
-        shutil.rmtree(final + ".tmp", ignore_errors=True)
-        with cli.disk_full_is_an_error(final + ".tmp"):
-            model.save(final + ".tmp")
+        tmp = os.path.join(cli.temp_folder(final), "model")  # the run's temporary folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        with cli.disk_full_is_an_error(tmp):
+            model.save(tmp)
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                  "args": vars(args)}
@@ -541,9 +597,9 @@ def save_checkpoint(args, step, model, optimizer, scheduler, scaler, device, ran
         try:  # both written before either replaces the old: a full disk leaves the old pair whole
             cli.atomic_write(path, lambda f: torch.save(state, f), mode="wb")
         except cli.InputError:
-            shutil.rmtree(final + ".tmp", ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
-        cli.swap_in(final + ".tmp", final)
+        cli.swap_in(tmp, final)
     if world > 1:
         dist.barrier()  # the others wait here, not inside the next step's collectives
 
@@ -633,7 +689,7 @@ def load_eval_set(args):
     if args.eval_metric not in measures:
         raise cli.InputError(f"--eval_metric {args.eval_metric}: not a measure; "
                              f"e.g. ndcg@10, recall@100, map")
-    corpus, queries, qrels = data.load_dataset(ref, args.eval_split)
+    corpus, queries, qrels = data.load_dataset(ref, args.eval_split, "--eval_split")
     if args.eval_queries:
         qrels = {qid: qrels[qid] for qid in data.read_ids(args.eval_queries, qrels)}
     if not qrels:
@@ -641,14 +697,15 @@ def load_eval_set(args):
     return corpus, queries, qrels
 
 def evaluate(model, eval_set, step, args, dtype, log, rank, world):
-    """Rank 0 saves the model to out_dir/best.tmp and scores it exactly as evaluate.py --model would
+    """Rank 0 saves the model to the run's temporary folder and scores it exactly as evaluate.py
+    --model would
     (loaded from those files, weights in dtype; exact search, pytrec_eval), logs it, and keeps it as
     out_dir/best/ (with best/eval.json: its step and value; the best so far survives a resume) if it
     beats the best so far. The model being trained is not touched, nor its RNG; the other ranks
     wait."""
     if rank == 0:
         best = os.path.join(args.out_dir, "best")
-        tmp = os.path.join(args.out_dir, "best.tmp")
+        tmp = os.path.join(cli.temp_folder(best), "best")
         shutil.rmtree(tmp, ignore_errors=True)
         with cli.disk_full_is_an_error(tmp):
             model.save(tmp)
@@ -683,6 +740,9 @@ def load_model(args, device, dtype, world):
                              f"{model.dim} dimensions")
     if args.lora_rank is None:  # FlagEmbedding trains a decoder LLM through LoRA by default
         args.lora_rank = 64 if model.decoder else 0
+        if not args.lora_rank:
+            cli.no_effect(args, parser, ("lora_alpha", "lora_dropout", "lora_targets"),
+                          "without --lora_rank (a BERT trains every weight by default)")
     if args.lora_rank:
         model.add_lora(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
         if dtype == "bf16":  # the frozen weights in bf16, the adapters (and AdamW's state) float32
@@ -719,6 +779,24 @@ def log_row(batch, loss, acc, lr, grad_norm, replay_err, seconds, args, device, 
             "loss": loss, "acc": acc, "lr": lr, "grad_norm": grad_norm, "replay_err": replay_err,
             "q_per_s": args.batch_size / seconds, "tokens_per_s": tokens / seconds,
             "seconds": seconds, "mem_gb": mem_gb}
+
+def check_fresh(out, args):
+    """Before any work: a fresh run (no --resume) into an --out_dir that holds a run of train.py
+    with a checkpoint is refused, unless --overwrite."""
+    earlier = out.present()
+    if "train_state.pt" in earlier and not args.resume and not args.overwrite:
+        raise cli.InputError(f"{args.out_dir} holds a run of train.py ({', '.join(earlier)}); "
+                             f"continue it with --resume, replace it with --overwrite, or give "
+                             f"another --out_dir")
+
+def start_afresh(out, args):
+    """A fresh run: an earlier run's files in --out_dir (train.py's, by the folder's record; with
+    --overwrite, or left by a run killed before its first checkpoint, or --resume auto finding none)
+    go before the first write, so that the folder never holds parts of two runs."""
+    earlier = out.present()
+    if earlier:
+        out.clear()
+        print(f"removed the earlier run's {', '.join(earlier)} from {args.out_dir}")
 
 def open_logs(args, start, rank):
     """Rank 0's log.jsonl, and with --example_log examples.jsonl: appended to when resuming, else
@@ -788,14 +866,15 @@ def main(args):
     device, rank, world = cli.setup_device(args.device)
     check_flags(args, world)
     dtype = cli.default_dtype(args.dtype, device)
-    # held until the process ends
-    lock = cli.claim(args.out_dir) if rank == 0 else None  # noqa: F841
-    examples, sizes, use_ids = load_examples(args)
+    examples, sources, use_ids = load_examples(args)
+    sizes = [size for _, size, _ in sources]
     corpus = remine_corpus(args, examples, use_ids)  # None without --remine_every
     eval_set = load_eval_set(args)
-    steps_per_epoch = len(sampler.batch_plan(sizes, args.batch_size, args.seed, 0,
-                                             args.mix == "uniform"))
-    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    steps_per_epoch, total_steps = count_steps(args, sizes)
+    # held until main returns: train.py's files in --out_dir (OUT_FILES), and nothing else there
+    out = cli.claim(args.out_dir, "train.py", OUT_FILES, rank, world)
+    if rank == 0:
+        check_fresh(out, args)
 
     # the model, its optimiser and precision
     # dropout differs between ranks, as it would across one big batch
@@ -809,8 +888,8 @@ def main(args):
     ctx = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
     start = (load_checkpoint(args, model, optimizer, scheduler, scaler, device, rank, world)
              if args.resume else 0)
-    if rank == 0 and not start:  # a fresh run: an earlier run's best model is not this one's
-        shutil.rmtree(os.path.join(args.out_dir, "best"), ignore_errors=True)
+    if rank == 0 and not start:
+        start_afresh(out, args)
 
     if rank == 0:
         print(f"{len(examples)} queries | group {args.group_size} | batch {args.batch_size} over "
@@ -824,7 +903,7 @@ def main(args):
         evaluate(model, eval_set, 0, args, dtype, log, rank, world)
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
     steps = range(start, total_steps)
-    for batch in sampler.make_batches(model, versions, sizes, use_ids, args, steps, rank, world):
+    for batch in sampler.make_batches(model, versions, sources, use_ids, args, steps, rank, world):
         t0 = time.time()
         step = batch["step"] + 1
 

@@ -149,13 +149,18 @@ def test_unknown_keys_are_counted_and_no_negatives_is_refused_for_groups(tmp_pat
 
 def test_limits_of_the_model_and_the_embeddings(tmp_path, tiny_model):
     beir(tmp_path / "b")
+    two = [{"_id": "q1", "text": "query"}, {"_id": "q2", "text": "another query"}]
+    beir(tmp_path / "b2", queries=two, qrels="q1\td1\t1\nq2\td2\t1\n")
 
     def run(script, *flags):
         return SCRIPTS[script].main(SCRIPTS[script].parser.parse_args(list(map(str, flags))))
 
     with pytest.raises(cli.InputError, match="--passage_max_len 4096: .* has 128 positions"):
-        run("train", "--model", tiny_model, "--dataset", tmp_path / "b", "--split", "test",
-            "--batch_size", 1, "--passage_max_len", 4096, "--out_dir", tmp_path / "o")
+        run("train", "--model", tiny_model, "--dataset", tmp_path / "b2", "--split", "test",
+            "--batch_size", 2, "--passage_max_len", 4096, "--out_dir", tmp_path / "o")
+    with pytest.raises(cli.InputError, match="--max_len 4096: .* has 128 positions"):
+        run("encode", "--model", tiny_model, "--dataset", tmp_path / "b", "--split", "test",
+            "--max_len", 4096, "--out", tmp_path / "e")
     run("encode", "--model", tiny_model, "--dataset", tmp_path / "b", "--split", "test",
         "--out", tmp_path / "e")
     with pytest.raises(cli.InputError, match="--device cuda: no GPU"):
@@ -209,26 +214,6 @@ def test_damaged_files(tmp_path, tiny_model):
     cli.write_json(str(emb / "meta.json"), {"shards": ["corpus.00000"]})
     with pytest.raises(cli.InputError, match="corpus.00000.npy: cannot read it"):
         retrieval.Shards(str(emb), {"a": "x", "b": "y"}, "a corpus")
-
-
-def test_one_writer_a_folder_and_leftovers_cleaned(tmp_path):
-    (tmp_path / "train_state.pt.x1y2.tmp").write_text("half")
-    (tmp_path / "model.tmp").mkdir()
-    # killed in a swap: best/ moved aside, its successor not in
-    for name in ("model", "model.old", "best.old"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "notes.old").write_text("a user's file")
-    held = cli.claim(str(tmp_path))
-    assert (not (tmp_path / "train_state.pt.x1y2.tmp").exists()
-            and not (tmp_path / "model.tmp").exists())
-    # the old best back
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["best", "model"]
-    # only the swap's folders are touched
-    assert (tmp_path / "notes.old").read_text() == "a user's file"
-    with pytest.raises(cli.InputError, match="another run is writing there"):
-        cli.claim(str(tmp_path))
-    held.close()
-    cli.claim(str(tmp_path)).close()
 
 
 def test_resume_refuses_changed_data_and_a_truncated_state(tmp_path, tiny_model):

@@ -5,8 +5,10 @@ errors name the real cause, before the work."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -57,6 +59,7 @@ def test_every_flag_is_either_kept_or_free_to_change_at_resume():
     free = set(train.MAY_CHANGE)
     assert not must & free
     listed = must | free | {"out_dir", "resume"}
+    assert "overwrite" in free  # never saved: a resumed run has no use for it
     assert listed == flags, flags ^ listed
 
 
@@ -222,20 +225,29 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_while_writing_a_checkpoint_loses_nothing(tiny_model, train_file, small_disk):
+    """A run stopped by SIGTERM after a checkpoint, resumed on a disk with no room for the next one:
+    one line, and the checkpoint it resumed from whole."""
     out = small_disk / "o"
-    flags = ["train.py", *train_flags(tiny_model, train_file, out, "--max_steps", 0, "--epochs", 2,
+    flags = ["train.py", *train_flags(tiny_model, train_file, out, "--max_steps", 0, "--epochs", 50,
                                       "--save_every", 1)]
-    subprocess.run([sys.executable, *map(str, flags)], cwd=ROOT, check=True, capture_output=True)
+    p = subprocess.Popen([sys.executable, *map(str, flags)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    while not (out / "train_state.pt").exists():
+        assert p.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)  # it saves after the step it is in, then exits
+    assert p.wait(timeout=300) == 0
     before = (out / "train_state.pt").read_bytes()
     weights = (out / "model" / "model.safetensors").read_bytes()
     free = shutil.disk_usage(small_disk).free
     (small_disk / "filler").write_bytes(b"\0" * (free - (6 << 20)))  # 6 MB left: not a checkpoint
-    last = one_line_error(flags)  # a fresh run in the same folder: its first checkpoint fails
+    last = one_line_error([*flags, "--resume"])  # its next checkpoint fails
     assert "the disk is full; nothing was lost" in last, last
     assert (out / "train_state.pt").read_bytes() == before  # the old checkpoint, whole
     assert (out / "model" / "model.safetensors").read_bytes() == weights
     (small_disk / "filler").unlink()
-    subprocess.run([sys.executable, *map(str, flags)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, *map(str, flags), "--resume"], cwd=ROOT, check=True,
+                   capture_output=True)
 
 
 def test_a_full_disk_while_writing_a_shard(tiny_model, tmp_path, small_disk):

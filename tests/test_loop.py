@@ -82,7 +82,7 @@ def test_eval_while_training_keeps_the_best_and_evaluate_reproduces_it(tiny_mode
 def test_default_evaluation_is_the_dev_split_beside_the_train_split(monkeypatch):
     asked = []
     monkeypatch.setattr(data, "load_dataset",
-                        lambda ref, split: asked.append(ref) or ({}, {}, {"q": {"d": 1}}))
+                        lambda ref, split, flag: asked.append(ref) or ({}, {}, {"q": {"d": 1}}))
 
     def parse(*a):
         return train.parser.parse_args(list(a))

@@ -1,14 +1,13 @@
 """mine.py's negative selection on a toy corpus with known scores: margin, dedup,
 hard/random mix."""
-import argparse
 import random
 
 import negatives
 
 
-def args(**kw):
-    base = dict(num_neg=3, margin=0.0, sampling="top")
-    return argparse.Namespace(**{**base, **kw})
+def settings(num_neg=3, margin=0.0, sampling="top"):
+    """select_negatives's num_neg, margin and sampling."""
+    return num_neg, margin, sampling
 
 
 CORPUS = {"p": "positive text", "a": "doc a", "b": "doc b", "b2": "doc b", "c": "doc c",
@@ -21,8 +20,8 @@ POS = {"p": 0.8}
 
 
 def select(**kw):
-    return negatives.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS), args(**kw),
-                                 random.Random(0), SCORES.get)
+    return negatives.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS),
+                                      *settings(**kw), random.Random(0), SCORES.get)
 
 
 def test_dedup_and_query_text_removed():
@@ -51,7 +50,8 @@ def test_short_window_is_topped_up_at_random():
 
 def test_seeded_random_sampling():
     a, b = (negatives.select_negatives(WINDOW, "the query", POS, CORPUS, sorted(CORPUS),
-                                  args(sampling="random"), random.Random(5), SCORES.get)
+                                       *settings(sampling="random"), random.Random(5),
+                                       SCORES.get)
             for _ in range(2))
     assert a == b
 
@@ -61,6 +61,6 @@ def test_relative_margin_with_a_negative_floor():
     pos = {"p": -0.2}
     window = [("a", -0.1), ("b", -0.3)]
     chosen, counts = negatives.select_negatives(window, "the query", pos, CORPUS, [],
-                                                args(margin=0.95), random.Random(0),
+                                                *settings(margin=0.95), random.Random(0),
                                                 {"a": -0.1, "b": -0.3}.get)
     assert [d for d, _ in chosen] == ["b"] and counts["margin"] == 1

@@ -34,7 +34,7 @@ def test_negatives_are_mined_again_and_change_the_training(tiny_model, mined, tm
     subset, train_file = mined
     state, _ = run(tiny_model, train_file, tmp_path / "re", "--max_steps", 0, "--epochs", 2,
                    *flags(subset))
-    again = data.read_jsonl(str(tmp_path / "re" / "mined.0000002.jsonl"))
+    again = data.read_jsonl(str(tmp_path / "re" / "remined" / "step.0000002.jsonl"))
     again = [row for _, row in again]
     before = data.read_train_jsonl(train_file)
     assert len(again) == len(before) and all(len(row["neg_ids"]) == 3 for row in again)
@@ -49,8 +49,8 @@ def test_killed_after_a_re_mining_and_resumed_equals_uninterrupted(tiny_model, m
     subset, train_file = mined
     full, killed = killed_and_resumed(tiny_model, train_file, tmp_path, flags(subset), 3)
     assert torch.equal(final_weights(full), final_weights(killed))
-    names = sorted(p.name for p in killed.iterdir() if p.name.startswith("mined."))
-    assert names == ["mined.0000002.jsonl", "mined.0000004.jsonl"]
+    names = sorted(p.name for p in (killed / "remined").iterdir())
+    assert names == ["step.0000002.jsonl", "step.0000004.jsonl"]
 
 
 def test_remine_needs_ids_in_the_corpus(tiny_model, mined, tmp_path):

@@ -175,9 +175,10 @@ def test_sigkill_during_a_sharded_encode_then_rerun_gives_the_same_files(tiny_mo
     done = len(list((tmp_path / "killed").glob("corpus.*.ids.txt")))
     assert 3 <= done < 30, done
     subprocess.run(cmd(tmp_path / "killed"), cwd=ROOT, check=True, capture_output=True, env=env)
-    # the killed run's temporary files are gone
+    # the killed run's temporary files are gone, and so is the lock of each
     names = sorted(f.name for f in (tmp_path / "full").iterdir())
-    assert names == sorted(f.name for f in (tmp_path / "killed").iterdir()) and ".lock" in names
+    assert names == sorted(f.name for f in (tmp_path / "killed").iterdir())
+    assert cli.RECORD in names and cli.LOCK not in names
     for name in names:
         assert ((tmp_path / "full" / name).read_bytes()
                 == (tmp_path / "killed" / name).read_bytes()), name

@@ -93,7 +93,7 @@ def test_matryoshka_loss_is_the_sum_of_each_prefix_s_infonce():
     torch.manual_seed(0)
     q = F.normalize(torch.randn(6, 16), dim=-1)
     d = F.normalize(torch.randn(12, 16), dim=-1)
-    batch = {"offset": 0, "teacher": None}
+    batch = {"offset": 0, "teacher": None, "in_batch": True}
     args = argparse.Namespace(mask_false_negatives=0, false_negative_margin=None, loss="reference",
                               mrl_dims=[16, 8, 4], normalize=True, temp=0.05, group_size=2,
                               distill=None)
