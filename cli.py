@@ -135,7 +135,8 @@ def default_model():
 
 def parser(doc, **defaults):
     """A stage's parser with the shared flags named in defaults (flag=default; ...: required)."""
-    p = Parser(description=doc, formatter_class=HelpFormatter)
+    # allow_abbrev=False: --data is not taken for --dataset (a flag's name is its whole name)
+    p = Parser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
     for name, default in defaults.items():
         if name == "model" and default is None:
             default = default_model()
@@ -475,3 +476,28 @@ def setup_device(name="auto"):
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=2),
                                 device_id=device if device.type == "cuda" else None)
     return device, dist.get_rank(), dist.get_world_size()
+
+def all_reduce_grads(params, world):
+    """Average the parameters' gradients over ranks, once a step after the last chunk (loss.py's
+    convention): every all-reduce started at once (asynchronously, in place: no copy), then waited
+    for."""
+    grads = [p.grad for p in params if p.grad is not None]
+    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+        work.wait()
+    for g in grads:
+        g.div_(world)
+
+def mean_over_ranks(values, device, world):
+    """The mean over ranks of a few numbers (this rank's loss and accuracy), for the log."""
+    values = torch.tensor(values, device=device)
+    if world > 1:
+        dist.all_reduce(values)
+    return (values / world).tolist()
+
+def any_rank(flag, device, world):
+    """Whether flag is true on any rank (a signal reached one of them): so that all stop after the
+    same step."""
+    flag = torch.tensor(float(flag), device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -14,7 +14,10 @@ plus, optionally, "qid", "pos_ids", "neg_ids", "pos_scores", "neg_scores" and "p
 A malformed line, an unknown id or a missing file raises cli.InputError naming the file and line (or
 id).
 """
+import contextlib
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -226,35 +229,47 @@ def load_ir_datasets(dataset_id):
             atomic_write(os.path.join(home, zip_path), lambda f: shutil.copyfileobj(src, f),
                          mode="wb")
     import ir_datasets
-    try:
-        ds = ir_datasets.load(dataset_id)
-    except KeyError:
-        raise InputError(f"{dataset_id!r} is neither a folder nor a dataset id that ir_datasets "
-                         f"knows (e.g. beir/scifact/test)") from None
-    try:
-        ids = [doc.doc_id for doc in ds.docs_iter()]
-        store = ds.docs_store()
+    with quiet():
+        try:
+            ds = ir_datasets.load(dataset_id)
+        except KeyError:
+            raise InputError(f"{dataset_id!r} is neither a folder nor a dataset id that "
+                             f"ir_datasets knows (e.g. beir/scifact/test)") from None
+        try:
+            ids = [doc.doc_id for doc in ds.docs_iter()]
+            store = ds.docs_store()
+            queries = {q.query_id: check_text(q.text.strip(), f"{dataset_id}: query {q.query_id!r}")
+                       for q in ds.queries_iter()}
+            qrels = {}
+            for r in ds.qrels_iter() if ds.has_qrels() else []:
+                qrels.setdefault(r.query_id, {})[r.doc_id] = int(r.relevance)
+        except (zipfile.BadZipFile, EOFError):  # a download cut short
+            raise InputError(f"{os.path.join(home, zip_path)}: a damaged (cut short) download; "
+                             f"delete it and run again") from None
+        except OSError as e:  # requests' ConnectionError among them
+            raise InputError(f"ir_datasets could not get {dataset_id} ({type(e).__name__}): check "
+                             f"the network, or put its files in {home}, or give a BEIR folder with "
+                             f"--split") from None
 
-        def read(row, doc_id):  # a text is read from ir_datasets' docstore when it is asked for
+    def read(row, doc_id):  # a text is read from ir_datasets' docstore when it is asked for
+        with quiet():
             doc = store.get(doc_id)
-            text = doc_text(getattr(doc, "title", ""), doc.text)
-            return check_text(text, f"{dataset_id}: document {doc_id!r}")
-        corpus = Corpus(ids, read)
-        if len(corpus) < len(ids):
-            print(f"{dataset_id}: {len(ids) - len(corpus)} repeated document ids, each kept once")
-        queries = {q.query_id: check_text(q.text.strip(), f"{dataset_id}: query {q.query_id!r}")
-                   for q in ds.queries_iter()}
-        qrels = {}
-        for r in ds.qrels_iter() if ds.has_qrels() else []:
-            qrels.setdefault(r.query_id, {})[r.doc_id] = int(r.relevance)
-    except (zipfile.BadZipFile, EOFError):  # a download cut short
-        raise InputError(f"{os.path.join(home, zip_path)}: a damaged (cut short) download; "
-                         f"delete it and run again") from None
-    except OSError as e:  # requests' ConnectionError among them
-        raise InputError(f"ir_datasets could not get {dataset_id} ({type(e).__name__}): check the "
-                         f"network, or put its files in {home}, or give a BEIR folder with "
-                         f"--split") from None
+        text = doc_text(getattr(doc, "title", ""), doc.text)
+        return check_text(text, f"{dataset_id}: document {doc_id!r}")
+    corpus = Corpus(ids, read)
+    if len(corpus) < len(ids):
+        print(f"{dataset_id}: {len(ids) - len(corpus)} repeated document ids, each kept once")
     return corpus, queries, qrels
+
+@contextlib.contextmanager
+def quiet():
+    """ir_datasets logs a line at level INFO for every file it opens, on loggers of its own that
+    ignore their parents' level: those lines are left out while it works (warnings still show)."""
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 # --------------------------------------------------------------------------------------- train data
 
@@ -354,6 +369,58 @@ def train_sources(paths):
                              f"file once")
         seen[real] = file
     return sources
+
+def check_groups(sources, parts, group_size, batch_size, distill):
+    """train.py's data against its flags, before the model loads -> the group size (documents a
+    query): group_size, or when None 4 if every example has negatives, 1 if none has (one line
+    without negatives must not silently turn every query to in-batch negatives: with some it is an
+    error). Every source must fill a batch, and the loss must have something to learn from.
+    sources: [(file, in-batch negatives)]; parts: each source's examples."""
+    names = " ".join(name for name, _ in sources)
+    examples = [ex for part in parts for ex in part]
+    no_negs = [ex for ex in examples if not ex["neg"]]
+    if group_size is None:
+        if no_negs and len(no_negs) < len(examples):
+            ex = no_negs[0]
+            raise InputError(f"{names}: {len(no_negs)} of {len(examples)} queries have no "
+                             f"negatives (e.g. {ex.get('qid', ex['query'])!r}); give --group_size "
+                             f"1 (in-batch negatives only) or mine theirs")
+        group_size = 1 if no_negs else 4
+    if group_size > 1 and no_negs:
+        raise InputError(f"{names}: {len(no_negs)} queries have no negatives but --group_size is "
+                         f"{group_size}; mine negatives with mine.py or use --group_size 1")
+    for (name, _), part in zip(sources, parts):
+        if not part:
+            raise InputError(f"{name}: no training queries with a positive (are its qrels for "
+                             f"this split empty?)")
+        if len(part) < batch_size:
+            raise InputError(f"--batch_size {batch_size} is larger than the {len(part)} training "
+                             f"queries of {name}")
+    # a query must have some document besides its positive to be told from
+    if group_size == 1 and batch_size == 1:
+        raise InputError("--batch_size 1 --group_size 1: each query sees only its own positive, so "
+                         "the loss is 0 whatever the model; raise either")
+    own_group_only = [name for name, in_batch in sources if not in_batch]
+    if group_size == 1 and own_group_only:
+        raise InputError(f"{own_group_only[0]}: its queries see only their own group "
+                         f"({NO_IN_BATCH_NEG}), so --group_size 1 leaves nothing to tell the "
+                         f"positive from; give --group_size 2 or more")
+    if distill and group_size == 1:
+        raise InputError(f"--distill {distill} learns the teacher's ranking within each query's "
+                         f"group; it needs --group_size 2 or more")
+    if distill and not all("pos_scores" in ex and "neg_scores" in ex for ex in examples):
+        raise InputError("--distill needs pos_scores and neg_scores in every line (score.py "
+                         "writes them)")
+    few = sum(0 < len(ex["neg"]) < group_size - 1 for ex in examples)
+    if few:
+        print(f"{few} queries have fewer than {group_size - 1} negatives: theirs repeat within a "
+              f"group")
+    return group_size
+
+def fingerprint(examples):
+    """A short hash of train examples: resuming on a changed file would silently continue another
+    run."""
+    return hashlib.blake2b(json.dumps(examples, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 def examples_from_qrels(corpus, queries, qrels):
     """Train examples from a dataset's qrels: every document with grade > 0 is a positive; no

@@ -119,6 +119,22 @@ def per_query(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, ma
         ranks.append((scores > own[:, None]).sum(1) + 1)
     return torch.cat(losses), torch.cat(ranks)
 
+# --------------------------------------------------------------------------------------- Matryoshka
+#
+# Matryoshka representation learning (Kusupati et al. 2022; train.py --mrl_dims): the loss is the
+# sum of the InfoNCE of several prefixes of the embedding, so that the first 64 of 384 dimensions
+# alone retrieve well too (a smaller index, evaluate.py --dim 64).
+
+def prefix(x, dim, normalize):
+    """The first dim dimensions of each embedding (all with dim None), re-normalised when the model
+    normalises its embeddings (a prefix of a unit vector is shorter than one)."""
+    if dim is None:
+        return x
+    x = x[:, :dim]
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    return x
+
 # ------------------------------------------------------------------------------------- distillation
 #
 # With a teacher's scores of each query's own group (score.py writes them as pos_scores and

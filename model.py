@@ -19,11 +19,7 @@ whole (its 5.x and 6.x layouts): the Transformer or a Router of two towers, Pool
 its modes with or without the instruction's tokens, a Dense layer (trained with the rest), Normalize
 and the query and document prompts; a module or option we cannot run is refused, never ignored.
 """
-import atexit
-import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -33,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 # the modeling code is imported only for non-BERT models
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 import data
+import formats
 import lora
 from cli import InputError
 
@@ -162,21 +159,6 @@ def hf_names(name):
     prefix = f"encoder.layer.{layer[1]}." if layer else ""
     return [f"{prefix}{t}.{param}" for t in theirs]
 
-def read_config(path):
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") from None
-
-# Decoder LLMs that embed with their last token (bge-en-icl, e5-mistral, gte-Qwen); any *ForCausalLM
-# too.
-DECODERS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-            "gemma2", "gemma3_text", "phi3", "olmo2"}
-
-def is_decoder(config):
-    causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
-    return config.model_type in DECODERS or causal
-
 def load_encoder(path, config, attention_dropout=None):
     """The transformer of a folder: our Bert where it can run it, else transformers' AutoModel with
     PyTorch's fused attention (SDPA). attention_dropout, if given, replaces the config's dropout on
@@ -188,7 +170,7 @@ def load_encoder(path, config, attention_dropout=None):
     if attention_dropout is not None:
         names = [n for n in ("attention_probs_dropout_prob", "attention_dropout")
                  if hasattr(config, n)]
-        if not names:
+        if not names and attention_dropout > 0:  # 0 on a model without it: nothing to turn off
             raise InputError(f"--attention_dropout: the config of {path} has no attention dropout "
                              f"setting")
         for name in names:
@@ -222,319 +204,12 @@ def save_encoder(encoder, path, base):
         if state is not None:
             lora.save_adapter(encoder, os.path.join(path, "adapter"), base)
 
-def with_adapter_merged(path):
-    """A peft adapter folder -> a temporary Hugging Face folder: its base model with the adapter
-    merged in, the base's tokenizer, and the bi-encoder settings of the checkpoint the adapter sits
-    in (or of the base), so that every stage takes an adapter as --model."""
-    from peft import PeftModel
-    from transformers import AutoModel
-    base = data.read_json(os.path.join(path, "adapter_config.json"))["base_model_name_or_path"]
-    if not os.path.isdir(base or ""):
-        raise InputError(f"{path}: its base model {base!r} is not a folder here")
-    folder = tempfile.mkdtemp(prefix="adapter_merged_")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), path).merge_and_unload()
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
-    parent = os.path.dirname(os.path.abspath(path))
-    source = parent if os.path.isfile(os.path.join(parent, SETTINGS)) else base
-    settings = read_settings(source, is_decoder(read_config(base)))
-    if settings["dense"] is not None:  # no part of the adapter: the checkpoint's (or base's) own
-        dense = settings["dense"]["path"]
-        shutil.copytree(os.path.join(source, dense), os.path.join(folder, dense))
-    write(folder, SETTINGS, settings)
-    return folder
-
-# ----------------------------------------------------------------------------------------- settings
-
-SETTINGS = "biencoder.json"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model")
-DEFAULTS = {
-    "pooling": "cls",
-    "normalize": True,
-    "query_prefix": "",
-    "doc_prefix": "",
-    "query_max_len": 512,
-    "passage_max_len": 512,
-    "separate_towers": False,
-    "append_eos": False,
-    "pool_prompt": True,  # False: pooling leaves out each text's instruction tokens
-    "dense": None,  # sentence-transformers' Dense module after pooling, where the model has one
-}
-# A decoder left to the defaults gets FlagEmbedding's decoder_only settings: its last token (an
-# end-of-sequence token appended to every text, as tevatron's append_eos_token), normalised, and an
-# instruction before each query (bge-en-icl's; e5-mistral's is "Instruct: {task}\nQuery: ").
-DECODER_DEFAULTS = {
-    **DEFAULTS,
-    "pooling": "last",
-    "append_eos": True,
-    "query_prefix": ("<instruct>Given a query, retrieve passages that are relevant to the query.\n"
-                     "<query>"),
-}
-# With separate towers a checkpoint holds two Hugging Face folders, one a tower;
-# sentence-transformers routes queries and documents to them (its Router module).
-TOWERS = {"query": "query", "doc": "document"}
-POOLINGS = ("cls", "mean", "last", "max", "mean_sqrt_len_tokens", "weightedmean")
-# sentence-transformers' Pooling modes -> ours, and the one boolean a mode of its 5.x config files
-# (6.x reads them too, and writes "pooling_mode": a name, or a list of names to concatenate)
-ST_POOLING = {
-    "cls": "cls",
-    "mean": "mean",
-    "max": "max",
-    "lasttoken": "last",
-    "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "weightedmean": "weightedmean",
-}
-ST_POOLING_KEYS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-# The sentence-transformers modules we run, in this order (a Router stands for the Transformer:
-# one tower a kind); Dense and Normalize are optional.
-ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
-# A Transformer's options (sentence_bert_config.json, 5.x and 6.x) that leave its vectors as our
-# Bert or AutoModel gives them; any other option is refused rather than ignored.
-ST_TRANSFORMER_DEFAULTS = {
-    "transformer_task": "feature-extraction",
-    "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
-    "module_output_name": "token_embeddings",
-    "query_expansion": None,
-    "processing_kwargs": {},
-    "tokenizer_args": {},
-    "processor_kwargs": {},
-}
-# options that only say how to load the weights (dtype, attention kernel) or how to batch
-ST_TRANSFORMER_LOADING = {
-    "model_args",
-    "model_kwargs",
-    "config_args",
-    "config_kwargs",
-    "unpad_inputs",
-    "cache_dir",
-    "backend",
-}
-# before sentence_bert_config.json, sentence-transformers named the file after the architecture
-ST_TRANSFORMER_FILES = (
-    "sentence_bert_config.json",
-    "sentence_roberta_config.json",
-    "sentence_distilbert_config.json",
-    "sentence_camembert_config.json",
-    "sentence_albert_config.json",
-    "sentence_xlm-roberta_config.json",
-    "sentence_xlnet_config.json",
-)
-ST_DENSE_DEFAULTS = {"bias": True, "activation_function": "torch.nn.modules.activation.Tanh"}
-
-def read_settings(path, decoder=False):
-    """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files
-    (modules.json and the modules' configs), else DEFAULTS (DECODER_DEFAULTS for a decoder)."""
-    defaults = DECODER_DEFAULTS if decoder else DEFAULTS
-    if os.path.isfile(os.path.join(path, SETTINGS)):
-        return {**defaults, **data.read_json(os.path.join(path, SETTINGS))}
-    if os.path.isfile(os.path.join(path, "modules.json")):
-        return read_st_settings(path, defaults)
-    return dict(defaults)
-
-def st_class(module_type):
-    """A modules.json type -> the class name of a sentence-transformers module ("Pooling" for
-    "sentence_transformers.models.Pooling" (5.x) or for
-    "sentence_transformers.sentence_transformer.modules.pooling.Pooling" (6.x)), or the type whole
-    for a module of another package."""
-    if module_type.startswith("sentence_transformers."):
-        return module_type.rsplit(".", 1)[-1]
-    return module_type
-
-def read_st_settings(path, defaults):
-    """Settings from a sentence-transformers folder of its 5.x or 6.x layout, so that our forward
-    gives its vectors: the Transformer (or a Router with one Transformer for "query" and one for
-    "document"), Pooling, an optional Dense and Normalize, and the prompts of encode_query and
-    encode_document. A module, mode or option we cannot run is an InputError naming it."""
-    settings = dict(defaults)
-    settings["append_eos"] = False  # its tokenizer as saved: sentence-transformers adds nothing
-    settings["normalize"] = False
-    modules = data.read_json(os.path.join(path, "modules.json"))
-    at = 0  # modules must come in ST_MODULES' order, each at most once
-    for m in modules:
-        name = st_class(m.get("type", "of no type"))
-        kind = "Transformer" if name == "Router" else name
-        if kind not in ST_MODULES[at:] or (at == 0 and kind != "Transformer"):
-            raise InputError(f"{path}: its sentence-transformers module {name} "
-                             f"({m.get('path') or 'the folder itself'}) cannot run here: we run "
-                             f"Transformer, Pooling, Dense and Normalize, in that order")
-        at = ST_MODULES.index(kind) + 1
-        folder = os.path.join(path, m.get("path", ""))
-        if name == "Router":
-            towers = tower_folders(path)
-            settings["separate_towers"] = True
-            settings["query_max_len"] = st_max_len(towers["query"], "query")
-            settings["passage_max_len"] = st_max_len(towers["doc"], "doc")
-        elif name == "Transformer":
-            if m.get("path"):
-                raise InputError(f"{path}: its Transformer module is in {m['path']}/; we read the "
-                                 f"transformer from the folder itself")
-            settings["query_max_len"] = st_max_len(folder, "query")
-            settings["passage_max_len"] = st_max_len(folder, "doc")
-        elif name == "Pooling":
-            settings["pooling"] = st_pooling(folder)
-            settings["pool_prompt"] = bool(read_st_config(folder).get("include_prompt", True))
-        elif name == "Dense":
-            settings["dense"] = st_dense(folder, m["path"])
-        else:
-            normalized = read_st_config(folder).get("module_input_name", "sentence_embedding")
-            if normalized != "sentence_embedding":
-                raise InputError(f"{folder}: Normalize of {normalized!r}; we normalise the "
-                                 f"sentence embedding only")
-            settings["normalize"] = True
-    if at < 2:
-        raise InputError(f"{path}: no Pooling module after its Transformer in modules.json; we "
-                         f"embed a text as one pooled vector")
-    file = os.path.join(path, "config_sentence_transformers.json")
-    config = data.read_json(file) if os.path.isfile(file) else {}
-    if config.get("model_type", "SentenceTransformer") != "SentenceTransformer":
-        raise InputError(f"{file}: a {config['model_type']}, not a SentenceTransformer "
-                         f"(one dense vector a text)")
-    # encode_query and encode_document (5.x and 6.x alike) prepend the "query" and "document"
-    # prompts, or nothing: never default_prompt_name's (that is plain encode's) nor "passage"
-    prompts = config.get("prompts") or {}
-    settings["query_prefix"] = prompts.get("query") or ""
-    settings["doc_prefix"] = prompts.get("document") or ""
-    # Our search ranks by cosine. A dot product or a euclidean distance ranks unit vectors as the
-    # cosine does, but not vectors of other lengths; manhattan distance never: such a model would
-    # be searched otherwise than it was trained for, so it is refused.
-    similarity = config.get("similarity_fn_name") or "cosine"
-    as_cosine = similarity == "cosine" or (settings["normalize"] and similarity in ("dot",
-                                                                                  "euclidean"))
-    if not as_cosine:
-        raise InputError(f"{file}: similarity_fn_name {similarity!r} with normalize "
-                         f"{settings['normalize']} ranks documents otherwise than our cosine "
-                         f"search")
-    return settings
-
-def read_st_config(folder, names=("config.json",)):
-    """A sentence-transformers module's config: the first of the files names that is in folder,
-    or {} (a module saved without one takes its defaults)."""
-    for name in names:
-        if os.path.isfile(os.path.join(folder, name)):
-            return data.read_json(os.path.join(folder, name))
-    return {}
-
-def st_max_len(folder, kind):
-    """The max length in tokens sentence-transformers gives texts of a kind ("query" or "doc") in
-    the Transformer module saved in folder: 6.x's query_length or document_length, else its
-    max_seq_length, else (6.x no longer writes it) the tokenizer's model_max_length capped at the
-    model's max_position_embeddings, as its Transformer does. Options it would honour and we
-    cannot are refused."""
-    config = read_st_config(folder, ST_TRANSFORMER_FILES)
-    for key, value in config.items():
-        if key in ST_TRANSFORMER_LOADING or key in ("max_seq_length", "query_length",
-                                                    "document_length", "do_lower_case"):
-            continue
-        if key not in ST_TRANSFORMER_DEFAULTS or value not in (ST_TRANSFORMER_DEFAULTS[key], None):
-            raise InputError(f"{folder}: its sentence-transformers Transformer has {key} "
-                             f"{value!r}, which we cannot honour")
-    if config.get("do_lower_case"):
-        # sentence-transformers lowercases in the tokenizer; fine where it lowercases already
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        if tokenizer("Hello World")["input_ids"] != tokenizer("hello world")["input_ids"]:
-            raise InputError(f"{folder}: do_lower_case true with a tokenizer that keeps case; "
-                             f"we do not lowercase texts")
-    per_kind = config.get("query_length" if kind == "query" else "document_length")
-    if per_kind or config.get("max_seq_length"):
-        return per_kind or config["max_seq_length"]
-    limits = [read_st_config(folder, ("tokenizer_config.json",)).get("model_max_length"),
-              read_st_config(folder).get("max_position_embeddings")]
-    limits = [n for n in limits if isinstance(n, int) and n > 0]  # xlnet's -1: no limit
-    return min(limits, default=DEFAULTS["passage_max_len"])
-
-def st_pooling(folder):
-    """Our pooling for a sentence-transformers Pooling config: one mode (6.x: "pooling_mode";
-    5.x: one boolean a mode, mean where none is set); several modes at once are refused."""
-    config = read_st_config(folder)
-    modes = config.get("pooling_mode")
-    if modes is None:
-        modes = [mode for key, mode in ST_POOLING_KEYS.items() if config.get(key)] or ["mean"]
-    if isinstance(modes, str):
-        modes = [modes]
-    if len(modes) != 1 or modes[0] not in ST_POOLING:
-        raise InputError(f"{folder}: pooling mode {'+'.join(map(str, modes))}; we pool with one "
-                         f"of {', '.join(ST_POOLING)}")
-    return ST_POOLING[modes[0]]
-
-def st_dense(folder, relative):
-    """Our "dense" setting for a sentence-transformers Dense module (saved in folder, relative to
-    the model folder): its config, with where its weights are."""
-    config = read_st_config(folder)
-    for key in ("module_input_name", "module_output_name"):
-        if config.get(key, "sentence_embedding") != "sentence_embedding":
-            raise InputError(f"{folder}: a Dense module with {key} {config[key]!r}; we project the "
-                             f"sentence embedding only")
-    if config.get("use_residual"):
-        raise InputError(f"{folder}: a Dense module with use_residual true, which we do not run")
-    if not {"in_features", "out_features"} <= config.keys():
-        raise InputError(f"{folder}/config.json: a Dense module needs in_features and "
-                         f"out_features")
-    return {
-        "path": relative,
-        "in_features": config["in_features"],
-        "out_features": config["out_features"],
-        "bias": config.get("bias", ST_DENSE_DEFAULTS["bias"]),
-        "activation_function": config.get("activation_function",
-                                          ST_DENSE_DEFAULTS["activation_function"]),
-    }
-
-def tower_folders(path):
-    """The folders of the query and document towers of a model with two ({"query": ..., "doc":
-    ...}), or None for one tower: those sentence-transformers' router_config.json routes "query"
-    and "document" to (path/query and path/document as we save them), each one Transformer."""
-    file = os.path.join(path, "router_config.json")
-    if not os.path.isfile(file):
-        if os.path.isdir(os.path.join(path, TOWERS["query"])):  # a checkpoint of ours
-            return {kind: os.path.join(path, name) for kind, name in TOWERS.items()}
-        return None
-    router = data.read_json(file)
-    structure = router.get("structure") or {}
-    types = router.get("types") or {}
-    ours = (sorted(structure) == ["document", "query"]
-            and all(len(route) == 1 and st_class(types.get(route[0], "")) == "Transformer"
-                    for route in structure.values())
-            and not (router.get("parameters") or {}).get("route_mappings"))
-    if not ours:
-        raise InputError(f"{file}: routes {structure}; we run one Transformer for \"query\" and "
-                         f"one for \"document\"")
-    return {kind: os.path.join(path, structure[name][0]) for kind, name in TOWERS.items()}
-
-def load_dense(path, dense):
-    """The Dense module of the model in path (the "dense" setting): its linear layer, with the
-    weights of its folder (model.safetensors or pytorch_model.bin, as sentence-transformers saves
-    them), and its activation function (a torch.nn module, built without arguments as
-    sentence-transformers builds it)."""
-    folder = os.path.join(path, dense["path"])
-    name = dense["activation_function"]
-    activation = getattr(nn, name.rsplit(".", 1)[-1], None) if name.startswith("torch.") else None
-    if not (isinstance(activation, type) and issubclass(activation, nn.Module)):
-        raise InputError(f"{folder}: Dense activation_function {name!r} is not a torch.nn module")
-    linear = nn.Linear(dense["in_features"], dense["out_features"], bias=dense["bias"])
-    files = [os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")]
-    if not any(os.path.isfile(f) for f in files):
-        raise InputError(f"{folder}: no Dense weights in it (model.safetensors or "
-                         f"pytorch_model.bin)")
-    try:
-        if os.path.isfile(files[0]):
-            state = load_file(files[0])
-        else:
-            state = torch.load(files[1], map_location="cpu", weights_only=True)
-        linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
-    # a truncated file, a missing weight, a shape its config does not give
-    except Exception as e:
-        raise InputError(f"{folder}: not the weights of its Dense config ({e})") from None
-    return linear, activation()
-
 # --------------------------------------------------------------------------------------- bi-encoder
+
+# How a text's hidden states become one vector: the first token's, the mean of the real tokens',
+# their maximum, the last real token's, their sum over sqrt(length), and a mean weighted by position
+# (the last two are sentence-transformers' modes, read from its folders)
+POOLINGS = ("cls", "mean", "last", "max", "mean_sqrt_len_tokens", "weightedmean")
 
 class BiEncoder(nn.Module):
     """A text -> its embedding: tokenize (with the instruction prefix of its kind, "query" or
@@ -549,17 +224,20 @@ class BiEncoder(nn.Module):
         if not os.path.isdir(path):
             raise InputError(f"--model {path}: not a folder (nothing is downloaded; give a local "
                              f"Hugging Face folder)")
+        run_model = os.path.join(path, "model")
+        if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(run_model):
+            raise InputError(f"--model {path}: a train.py run folder; did you mean {run_model}?")
         # a LoRA adapter (e.g. a checkpoint's model/adapter): its base with the adapter merged in
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
-            path = with_adapter_merged(path)
+            path = formats.with_adapter_merged(path)
         # a checkpoint with two towers holds a Hugging Face folder for each
-        towers = tower_folders(path)
+        towers = formats.tower_folders(path)
         has_towers = towers is not None
         doc_path = towers["doc"] if has_towers else path
         query_path = towers["query"] if has_towers else path
-        config = read_config(doc_path)
-        self.decoder = is_decoder(config)
-        self.settings = read_settings(path, self.decoder)
+        config = formats.read_config(doc_path)
+        self.decoder = formats.is_decoder(config)
+        self.settings = formats.read_settings(path, self.decoder)
         for key, value in overrides.items():
             if value is not None:
                 self.settings[key] = value
@@ -570,14 +248,15 @@ class BiEncoder(nn.Module):
             raise InputError(f"{path}: a checkpoint with separate towers; it cannot become one "
                              f"shared tower")
         self.sources = {"query": query_path, "doc": doc_path}  # where each tower came from
-        if not any(os.path.isfile(os.path.join(doc_path, name)) for name in TOKENIZER_FILES):
+        tokenizer_files = [os.path.join(doc_path, name) for name in formats.TOKENIZER_FILES]
+        if not any(os.path.isfile(file) for file in tokenizer_files):
             # transformers would build a vocabulary of its special tokens alone, without a word
             raise InputError(f"{path}: no tokenizer files in it (tokenizer.json, vocab.txt, ...)")
         # documents, and queries when shared
         self.encoder = load_encoder(doc_path, config, attention_dropout)
         self.query_encoder = None
         if self.settings["separate_towers"]:
-            query_config = read_config(query_path)
+            query_config = formats.read_config(query_path)
             self.query_encoder = load_encoder(query_path, query_config, attention_dropout)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(doc_path)
@@ -587,14 +266,14 @@ class BiEncoder(nn.Module):
         if self.tokenizer.pad_token is None:  # decoder models (last-token pooling) often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.settings["append_eos"]:
-            end_with_eos(self.tokenizer, path)
+            formats.end_with_eos(self.tokenizer, path)
         self.check_room(path)
         self.prompt_lengths = {}  # instruction -> its tokens (prompt_length)
         # sentence-transformers' Dense after pooling, where the model has one: (B, H) -> (B, D)
         self.dense = None
         self.dense_activation = None
         if self.settings["dense"] is not None:
-            self.dense, self.dense_activation = load_dense(path, self.settings["dense"])
+            self.dense, self.dense_activation = formats.load_dense(path, self.settings["dense"])
             if self.dense.in_features != self.encoder.config.hidden_size:
                 raise InputError(f"{path}: its Dense takes {self.dense.in_features} features, "
                                  f"its transformer gives {self.encoder.config.hidden_size}")
@@ -789,111 +468,19 @@ class BiEncoder(nn.Module):
         return out.cpu().numpy()
 
     def save(self, path):
-        """Hugging Face weights and tokenizer, biencoder.json, and the sentence-transformers files,
-        so that SentenceTransformer(path) gives the same vectors: encode_document (or plain encode)
-        for documents, encode_query (or prompt_name="query") for queries. With separate towers each
-        tower is a Hugging Face folder of its own (path/query, path/document), routed by
-        sentence-transformers' Router. A Dense goes to path/2_Dense in its format (config.json,
-        model.safetensors); the config files are those its 5.x and 6.x series both read."""
-        s = dict(self.settings)
-        if self.query_encoder is None:
-            save_encoder(self.encoder, path, self.sources["doc"])
-            self.save_tokenizer(path)
-            write(path, "sentence_bert_config.json", {"max_seq_length": s["passage_max_len"]})
-            first = {"type": "sentence_transformers.models.Transformer"}
-        else:
-            towers = ((self.query_encoder, "query", s["query_max_len"]),
-                      (self.encoder, "doc", s["passage_max_len"]))
-            for encoder, kind, max_len in towers:
-                name = TOWERS[kind]
-                save_encoder(encoder, os.path.join(path, name), self.sources[kind])
-                self.save_tokenizer(os.path.join(path, name))
-                write(path, f"{name}/sentence_bert_config.json", {"max_seq_length": max_len})
-            transformer = "sentence_transformers.models.Transformer"
-            write(path, "router_config.json", {
-                "types": {"query": transformer, "document": transformer},
-                "structure": {"query": ["query"], "document": ["document"]},
-                "parameters": {"default_route": "document", "allow_empty_key": True},
-            })
-            first = {"type": "sentence_transformers.models.Router"}
-        modules = [first, {"type": "sentence_transformers.models.Pooling"}]
-        if self.dense is not None:
-            modules.append({"type": "sentence_transformers.models.Dense"})
-        if s["normalize"]:
-            modules.append({"type": "sentence_transformers.models.Normalize"})
-        for i, module in enumerate(modules):
-            # the Transformer (or Router) in the folder itself, then 1_Pooling, 2_Dense, ...
-            folder = f"{i}_{st_class(module['type'])}" if i else ""
-            module.update(idx=i, name=str(i), path=folder)
-        write(path, "modules.json", modules)
-        write(path, "1_Pooling/config.json", {
-            "word_embedding_dimension": self.encoder.config.hidden_size,
-            **{key: ST_POOLING[mode] == s["pooling"] for key, mode in ST_POOLING_KEYS.items()},
-            "include_prompt": bool(s["pool_prompt"]),
-        })
-        if self.dense is not None:
-            folder = modules[2]["path"]
-            s["dense"] = {**s["dense"], "path": folder}
-            write(path, f"{folder}/config.json", {k: v for k, v in s["dense"].items()
-                                                  if k != "path"})
-            weights = {f"linear.{k}": v.detach().cpu().contiguous()
-                       for k, v in self.dense.state_dict().items()}
-            save_file(weights, os.path.join(path, folder, "model.safetensors"),
-                      metadata={"format": "pt"})
-        write(path, "config_sentence_transformers.json", {
-            "prompts": {"query": s["query_prefix"], "document": s["doc_prefix"]},
-            "similarity_fn_name": "cosine",
-        })
-        write(path, SETTINGS, s)
+        """Hugging Face weights and tokenizer, biencoder.json, and the sentence-transformers files
+        (formats.write_settings), so that SentenceTransformer(path) gives the same vectors. With
+        separate towers each tower is a Hugging Face folder of its own (path/query,
+        path/document)."""
+        towers = [(self.encoder, "doc", path)]
+        if self.query_encoder is not None:
+            towers = [(encoder, kind, os.path.join(path, formats.TOWERS[kind]))
+                      for encoder, kind in ((self.query_encoder, "query"), (self.encoder, "doc"))]
+        for encoder, kind, folder in towers:
+            save_encoder(encoder, folder, self.sources[kind])
+            formats.save_tokenizer(self.tokenizer, folder, self.settings["append_eos"])
+        formats.write_settings(path, self.settings, self.encoder.config.hidden_size, self.dense)
 
-    def save_tokenizer(self, path):
-        """The tokenizer's files; when it appends an end-of-sequence token, written so that it still
-        does when loaded again (some tokenizer classes rebuild their post-processing when loaded:
-        those are saved as the generic fast tokenizer, which reads tokenizer.json as it is)."""
-        self.tokenizer.save_pretrained(path)
-        if not self.settings["append_eos"] or ends_with_eos(AutoTokenizer.from_pretrained(path)):
-            return
-        config_file = os.path.join(path, "tokenizer_config.json")
-        config = data.read_json(config_file)
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        write(path, "tokenizer_config.json", config)
-        reloaded = AutoTokenizer.from_pretrained(path)
-        assert ends_with_eos(reloaded), f"{path}: the end-of-sequence token is lost on load"
-
-
-def end_with_eos(tokenizer, path):
-    """Make the tokenizer end every text with its end-of-sequence token, once (it may do so
-    already), within the max length: last-token pooling embeds a decoder's text by its hidden state
-    at that token (tevatron's append_eos_token). Done in the tokenizer's own post-processing, so
-    that its saved files make sentence-transformers tokenize the same way."""
-    if tokenizer.eos_token is None:
-        raise InputError(f"{path}: its tokenizer has no end-of-sequence token to pool at; set "
-                         f"pooling mean or cls, or give it an eos_token")
-    if ends_with_eos(tokenizer):
-        return
-    if tokenizer.is_fast:
-        from tokenizers import processors
-        first = tokenizer("x")["input_ids"][0]
-        bos = f"{tokenizer.bos_token} " if first == tokenizer.bos_token_id else ""
-        special = [(tokenizer.eos_token, tokenizer.eos_token_id)]
-        if bos:
-            special.append((tokenizer.bos_token, tokenizer.bos_token_id))
-        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}$A {tokenizer.eos_token}",
-            pair=f"{bos}$A {tokenizer.eos_token} $B {tokenizer.eos_token}", special_tokens=special)
-    if not ends_with_eos(tokenizer):
-        raise InputError(f"{path}: cannot make its tokenizer append {tokenizer.eos_token!r}")
-
-def ends_with_eos(tokenizer):
-    return tokenizer("x")["input_ids"][-1] == tokenizer.eos_token_id
-
-def write(folder, name, obj):
-    """folder/name as JSON, its folder made first (the model folder is swapped in whole, so no temp
-    file)."""
-    file = os.path.join(folder, name)
-    os.makedirs(os.path.dirname(file), exist_ok=True)
-    with open(file, "w") as f:
-        json.dump(obj, f, indent=2)
 
 # ---------------------------------------------------------------------------------------- inference
 
@@ -904,3 +491,35 @@ def for_inference(path, device, dtype, **overrides):
     optimizer, and casting once beats autocast re-casting every forward), on the device, in eval
     mode."""
     return BiEncoder(path, **overrides).to(device, DTYPES[dtype]).eval()
+
+def for_training(path, device, world=1, lora_rank=None, lora_alpha=16, lora_dropout=0.1,
+                 lora_targets=None, frozen_dtype=None, grad_checkpoint=False, compile=False,
+                 attention_dropout=None, **overrides):
+    """A BiEncoder to train: float32 weights (autocast computes in lower precision) on the device,
+    in train mode (dropout on, as in pretraining), its weights equal on every one of world ranks.
+    lora_rank: LoRA adapters of that rank instead of training every weight (None: FlagEmbedding's
+    64 for a decoder LLM, none for a BERT; model.lora_rank says which), with the frozen weights in
+    frozen_dtype (bf16 halves a large model's memory; the adapters and AdamW's state stay float32);
+    grad_checkpoint: recompute each layer's activations in backward; compile: torch.compile each
+    tower. overrides: as BiEncoder's."""
+    model = BiEncoder(path, attention_dropout, **overrides).to(device).train()
+    model.lora_rank = lora_rank
+    if lora_rank is None:
+        model.lora_rank = 64 if model.decoder else 0
+    if model.lora_rank:
+        model.add_lora(model.lora_rank, lora_alpha, lora_dropout, lora_targets)
+        if frozen_dtype is not None:
+            for tower in model.towers():
+                lora.frozen_to(tower, frozen_dtype)
+    if grad_checkpoint:
+        model.grad_checkpoint()
+    if world > 1:  # a weight initialised at load (a new head) must start equal on every rank
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+    # compiled dropout must draw eager's random numbers, or gradient caching's pass 2 would not
+    # replay pass 1
+    if compile:
+        torch._inductor.config.fallback_random = True
+        for tower in model.towers():
+            tower.compile(dynamic=True)  # in place: the state dict keeps its names
+    return model

@@ -10,10 +10,15 @@ filtering, NV-Retriever), by a teacher's scores if there is one; the negatives a
 rest (or the top ones taken), and a window that ran short is topped up with random documents that
 pass the same filters. Deterministic for a seed.
 """
+import os
 import random
+import shutil
 
 import torch
+import torch.distributed as dist
 
+import cli
+import data
 import retrieval
 
 def select_negatives(window, query, pos, corpus, doc_ids, num_neg, margin, sampling, rng, score):
@@ -116,3 +121,92 @@ def mine(model, docs, corpus, examples, window, num_neg, margin=0.0, sampling="r
         rows.append({**ex, "pos_scores": list(pos.values()), "neg": [corpus[d] for d, _ in chosen],
                      "neg_ids": [d for d, _ in chosen], "neg_scores": [s for _, s in chosen]})
     return rows, totals
+
+# ---------------------------------------------------------------------- mined again while training
+
+def corpus_for_remining(dataset, split, examples, use_ids):
+    """train.py --remine_every: the corpus to mine from (--dataset's), which must hold every
+    positive of the train data, by id."""
+    if not use_ids:
+        raise cli.InputError("--remine_every needs the positives' ids (pos_ids) in every train "
+                             "line")
+    corpus = data.load_dataset(dataset, split)[0]
+    for ex in examples:
+        for doc_id in ex["pos_ids"]:
+            if doc_id not in corpus:
+                raise cli.InputError(f"--remine_every: positive {doc_id!r} of query "
+                                     f"{ex.get('qid', ex['query'])!r} is not in {dataset}'s "
+                                     f"corpus; give as --dataset the one the train data comes from")
+    return corpus
+
+class Remining:
+    """train.py --remine_every: each query's negatives mined again every `every` steps by the model
+    as it is then (ANCE-style), as mine() mines them. Those mined after step j go to
+    out_dir/remined/step.J.jsonl (a folder that is train.py's by the record of out_dir) before that
+    step's checkpoint, and the batch of step i + 1 (made one step ahead, while step i runs) uses the
+    newest with j < i: the only ones that can be there when it is made, so that a resumed run sees
+    the batches of an uninterrupted one."""
+
+    def __init__(self, examples, corpus, out_dir, every, window, num_neg, margin, seed):
+        self.versions = {0: examples}  # {j: the examples with the negatives mined after step j}
+        self.corpus = corpus
+        self.folder = os.path.join(out_dir, "remined")
+        self.every = every
+        self.window = window
+        self.num_neg = num_neg
+        self.margin = margin
+        self.seed = seed
+
+    def path(self, step):
+        return os.path.join(self.folder, f"step.{step:07d}.jsonl")
+
+    def with_negatives(self, path):
+        """The train examples with the negatives of a re-mined file (one line each, in order); a
+        query none of whose candidates passed the filters keeps the negatives it came with."""
+        mined = [row for _, row in data.read_jsonl(path)]
+        return [{**ex, **row} if row["neg"] else ex for ex, row in zip(self.versions[0], mined)]
+
+    def resume(self, start, rank):
+        """The negatives re-mined after each step up to start (the saved step); files of later
+        steps (written after the checkpoint a resume starts from) go."""
+        if not os.path.isdir(self.folder):
+            return
+        for name in sorted(os.listdir(self.folder)):
+            step = int(name.split(".")[1])  # a name path() wrote: nothing else is in the folder
+            if step <= start:
+                self.versions[step] = self.with_negatives(os.path.join(self.folder, name))
+            elif rank == 0:
+                os.remove(os.path.join(self.folder, name))
+
+    def examples_at(self, step):
+        """The examples the batch of step (0-based) is made from."""
+        return self.versions[max(j for j in self.versions if j < step or j == 0)]
+
+    def after_step(self, model, step, total_steps, device, rank, world):
+        """Mine again after this step if it is one of every (in eval mode: no dropout, no random
+        numbers drawn); not after the last step: nothing would use them."""
+        if not self.every or step % self.every or step == total_steps:
+            return
+        # the encoding, sharded, in the run's temporary folder (the next claim removes a kill's)
+        folder = os.path.join(cli.temp_folder(self.path(step)), "remine")
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        if world > 1:
+            dist.barrier()
+        model.eval()
+        meta = {"model": f"the model at step {step}", "dataset": "the corpus to re-mine",
+                **model.settings,
+                "model_fingerprint": retrieval.model_fingerprint(model)}
+        retrieval.encode_corpus(model, self.corpus, folder, meta, 100_000, "fp32", None, rank,
+                                world)
+        if rank == 0:
+            docs = retrieval.Shards(folder, self.corpus, "the train data's corpus", model)
+            rows, _ = mine(model, docs, self.corpus, self.versions[0], self.window, self.num_neg,
+                           self.margin, seed=f"{self.seed}/{step}", device=device)
+            keep = ("neg", "neg_ids", "neg_scores")
+            cli.write_jsonl(self.path(step), [{k: row[k] for k in keep} for row in rows])
+            shutil.rmtree(folder)
+        if world > 1:
+            dist.barrier()
+        model.train()
+        self.versions[step] = self.with_negatives(self.path(step))

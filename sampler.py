@@ -61,7 +61,7 @@ def batch_plan(sizes, batch_size, seed, epoch, uniform=False):
         rng.shuffle(plan)
     return plan
 
-def make_batches(model, versions, sources, use_ids, args, steps, rank, world):
+def make_batches(model, train_data, examples_at, args, setup, steps, rank, world):
     """The batch of each of steps, as a dict, made one step ahead in a background thread:
         q, d        this rank's queries (b,) and their documents (b * G,) tokenised, laid out
                     per query [p_0, n_0,1 .. n_0,G-1, p_1, ...]; a query with a "prompt" of its
@@ -71,28 +71,26 @@ def make_batches(model, versions, sources, use_ids, args, steps, rank, world):
         teacher     the data's teacher scores of each group (b, G), with --distill
     and where it stands: step, epoch, source (the file it came from), in_batch (False: its queries
     see only their own group), offset (this rank's first query) and examples (the numbers of this
-    rank's examples). sources: [(name, number of examples, in-batch negatives)], one a file.
-    versions: {j: the examples} with, beside the train data as it came (j = 0), the negatives mined
-    again after step j (train.py --remine_every), which the dict gets while the steps run: the batch
-    of step i + 1 (step i, 0-based) uses the newest with j < i, the only ones that can be there when
-    it is made, one step ahead; a resumed run so makes the batches of an uninterrupted one."""
+    rank's examples). train_data: train.TrainData (the examples, their sources, whether they have
+    ids); examples_at(step): the examples to make step's batch from (train_data's, or with their
+    negatives mined again: negatives.Remining); args: train.py's flags; setup: its train.Setup."""
     b = args.batch_size // world
-    sizes = [size for _, size, _ in sources]
+    sizes = [size for _, size, _ in train_data.sources]
 
     @functools.lru_cache(1)
     def plan(epoch):
         return batch_plan(sizes, args.batch_size, args.seed, epoch, args.mix == "uniform")
 
     def make(step):
-        examples = versions[max(j for j in versions if j < step or j == 0)]
+        examples = examples_at(step)
         epoch, i = divmod(step, len(plan(0)))
         source, batch = plan(epoch)[i]
         queries, prompts, docs, d_keys, pos_keys, teacher, mine = [], [], [], [], [], [], []
         for n, e in enumerate(batch):
             ex = examples[e]
-            p, negs = sample_group(ex, args.group_size, args.seed, epoch, e)
-            pk = doc_keys(ex, "pos", use_ids)
-            nk = doc_keys(ex, "neg", use_ids)
+            p, negs = sample_group(ex, setup.group_size, args.seed, epoch, e)
+            pk = doc_keys(ex, "pos", train_data.use_ids)
+            nk = doc_keys(ex, "neg", train_data.use_ids)
             d_keys += [pk[p]] + [nk[j] for j in negs]
             if n // b != rank:  # another rank's share of the global batch
                 continue
@@ -104,7 +102,7 @@ def make_batches(model, versions, sources, use_ids, args, steps, rank, world):
             if args.distill:
                 teacher.append([ex["pos_scores"][p]] + [ex["neg_scores"][j] for j in negs])
         width = max(len(k) for k in pos_keys)
-        name, _, in_batch = sources[source]
+        name, _, in_batch = train_data.sources[source]
         return {"step": step, "epoch": epoch, "source": name, "in_batch": in_batch,
                 "offset": rank * b, "examples": mine,
                 "q": model.tokenize(queries, "query", prompts=prompts),

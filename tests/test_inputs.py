@@ -126,7 +126,7 @@ def test_an_index_faiss_would_refuse_is_refused_before_encoding(tmp_path, tiny_m
     ("train", ["--train_data", "{train}", "--dataset", "beir/scifact/train"],
      "--dataset has no effect with --train_data"),
     ("train", ["--train_data", "{train}", "--lora_rank", "0", "--lora_targets", "qkv"],
-     "--lora_targets has no effect with --lora_rank 0"),
+     "--lora_targets has no effect without a --lora_rank"),
     ("train", ["--train_data", "{train}", "--mix", "uniform"], "--mix has no effect with one"),
     ("train", ["--train_data", "{train}", "--warmup", "500"], "--warmup 500: the run has only"),
     ("train", ["--train_data", "{train}", "--overwrite", "--resume"], "give one of them"),
@@ -150,7 +150,7 @@ def test_a_flag_without_effect_is_an_error(tmp_path, tiny_model, train_file, sub
 
 
 def test_the_lora_rank_a_bert_gets_by_default_is_none(tmp_path, tiny_model, train_file):
-    with pytest.raises(cli.InputError, match="--lora_alpha has no effect without --lora_rank"):
+    with pytest.raises(cli.InputError, match="--lora_alpha has no effect without a --lora_rank"):
         main_of(train, "--model", tiny_model, "--train_data", train_file, "--lora_alpha", 32,
                 "--batch_size", 8, "--device", "cpu", "--out_dir", tmp_path / "o")
 
@@ -207,9 +207,13 @@ def test_flagembedding_train_data_means_what_it_means_there(tmp_path, tiny_model
     model = BiEncoder(tiny_model, query_prefix="Represent: ")
     args = train.parser.parse_args(["--model", tiny_model, "--train_data", str(folder), train_file,
                                     "--batch_size", "8", "--group_size", "2"])
-    examples, counted, use_ids = train.load_examples(args)
-    batches = list(sampler.make_batches(model, {0: examples}, counted, use_ids, args, range(4),
-                                        0, 1))
+    train_data, group_size = train.load_data(args)
+    setup = train.Setup(group_size, None, "")
+
+    def examples_at(step):
+        return train_data.examples
+    batches = list(sampler.make_batches(model, train_data, examples_at, args, setup, range(4), 0,
+                                        1))
     by_source = {os.path.basename(b["source"]): b for b in batches}
     assert not by_source["a.jsonl"]["in_batch"] and by_source["train.jsonl"]["in_batch"]
     text = model.tokenizer.decode(by_source["b.json"]["q"]["input_ids"][0],
@@ -222,7 +226,7 @@ def test_flagembedding_train_data_means_what_it_means_there(tmp_path, tiny_model
     q = torch.nn.functional.normalize(torch.randn(8, 32), dim=-1)
     d = torch.nn.functional.normalize(torch.randn(16, 32), dim=-1)
     batch = {**by_source["a.jsonl"], "offset": 0}
-    got = train.compute_loss(q, d, batch, args)
+    got = train.compute_loss(q, d, batch, args, setup)
     scores = torch.stack([d[2 * i:2 * i + 2] @ q[i] for i in range(8)]) / args.temp
     want = torch.nn.functional.cross_entropy(scores, torch.zeros(8, dtype=torch.long))
     assert torch.allclose(got, want, atol=1e-6)

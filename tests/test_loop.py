@@ -18,6 +18,7 @@ import mine
 import sampler
 import score
 import train
+import validation
 from conftest import NFCORPUS, ROOT, scifact_subset
 from test_resume import wait_for_steps
 from test_train import flat, make_train_file
@@ -87,17 +88,18 @@ def test_default_evaluation_is_the_dev_split_beside_the_train_split(monkeypatch)
     def parse(*a):
         return train.parser.parse_args(list(a))
 
-    assert (train.load_eval_set(parse("--dataset", "beir/nfcorpus/train"))
+    assert (validation.load_eval_set(parse("--dataset", "beir/nfcorpus/train"))
             and asked == ["beir/nfcorpus/dev"])
     # SciFact has no dev split
-    assert train.load_eval_set(parse("--dataset", "beir/scifact/train")) is None
-    assert train.load_eval_set(parse("--dataset", "beir/nfcorpus/train",
+    assert validation.load_eval_set(parse("--dataset", "beir/scifact/train")) is None
+    assert validation.load_eval_set(parse("--dataset", "beir/nfcorpus/train",
                                      "--eval_dataset", "none")) is None
     # own data: evaluation only when asked
-    assert train.load_eval_set(parse("--train_data", "x.jsonl")) is None
+    assert validation.load_eval_set(parse("--train_data", "x.jsonl")) is None
     # before any training
     with pytest.raises(cli.InputError, match="--eval_metric ndcg@7: not a measure"):
-        train.load_eval_set(parse("--eval_dataset", "beir/scifact/test", "--eval_metric", "ndcg@7"))
+        validation.load_eval_set(parse("--eval_dataset", "beir/scifact/test",
+                                       "--eval_metric", "ndcg@7"))
 
 
 def test_batch_plan_one_source_a_batch():

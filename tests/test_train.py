@@ -9,9 +9,11 @@ import torch
 
 import cli
 import data
+import grad_cache
 import train
 from conftest import SCIFACT
 from loss import info_nce
+from model import BiEncoder
 
 
 def make_train_file(path, n=24, num_neg=3, seed=0, folder=SCIFACT):
@@ -53,7 +55,7 @@ def flat(sd):
 
 
 def start_weights(model):
-    return flat(train.BiEncoder(model).state_dict())
+    return flat(BiEncoder(model).state_dict())
 
 
 @pytest.mark.parametrize("flags", [("--false_negative_margin", "off"), (),
@@ -85,9 +87,14 @@ def test_false_negative_margin_leaves_documents_out(tiny_model_nodropout, train_
                                            (("--false_negative_margin", "0.3"), 0.3),
                                            (("--false_negative_margin", "off"), None)])
 def test_the_default_margin_is_twice_the_temperature(flags, margin):
+    """The margin is derived into the run's Setup; args keeps what was typed."""
+    from types import SimpleNamespace as NS
     args = train.parser.parse_args(list(flags))
-    train.check_flags(args, 1)
-    assert args.false_negative_margin == pytest.approx(margin)
+    typed = dict(vars(args))
+    model = NS(lora_rank=0, settings={"normalize": True})
+    setup = train.make_setup(args, 1, train.TrainData([], [], True), model)
+    assert setup.margin == pytest.approx(margin)
+    assert vars(args) == typed  # args is left as typed
 
 
 def test_replay_is_exact_with_dropout_and_dropout_is_live(tiny_model, tiny_model_nodropout,
@@ -115,7 +122,7 @@ def test_replay_is_exact_for_minilm_and_its_checkpoint_loads_in_transformers(tra
                  "--passage_max_len", 64)
     assert log[0]["replay_err"] == 0.0
     ckpt = str(tmp_path / "m" / "model")
-    ours = train.BiEncoder(ckpt).eval()
+    ours = BiEncoder(ckpt).eval()
     texts = [ex["pos"][0] for ex in data.read_train_jsonl(train_file)[:4]] + ["a short text"]
     batch = ours.tokenize(texts, "doc")
     hf = AutoModel.from_pretrained(ckpt).eval()
@@ -124,7 +131,7 @@ def test_replay_is_exact_for_minilm_and_its_checkpoint_loads_in_transformers(tra
     m = batch["attention_mask"].unsqueeze(-1).float()
     theirs = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
     assert (torch.tensor(ours.encode(texts, "doc")) - theirs).abs().max() < 1e-4
-    assert not torch.allclose(theirs, torch.tensor(train.BiEncoder(default_model()).eval()
+    assert not torch.allclose(theirs, torch.tensor(BiEncoder(default_model()).eval()
                                                    .encode(texts, "doc")))
 
 
@@ -132,7 +139,7 @@ def test_cached_gradient_equals_full_batch_with_pass1_masks(tiny_model):
     """The cached gradient against one autograd graph over the whole batch that uses pass 1's
     dropout masks."""
     torch.manual_seed(0)
-    model = train.BiEncoder(tiny_model)
+    model = BiEncoder(tiny_model)
     model.train()
     corpus, queries, qrels = data.load_dataset(SCIFACT, "train")
     qids = sorted(qrels)[:10]
@@ -157,10 +164,10 @@ def test_cached_gradient_equals_full_batch_with_pass1_masks(tiny_model):
     torch.set_rng_state(rng)
     embs = []
     for tok, kind in ((q_tok, "query"), (d_tok, "doc")):
-        _, (chunks, order, states) = train.embed(model, tok, kind, 3, ctx, dev)
+        _, (chunks, order, states) = grad_cache.embed(model, tok, kind, 3, ctx, dev)
         parts = []
         for chunk, state in zip(chunks, states):
-            train.set_rng_state(state, dev)
+            grad_cache.set_rng_state(state, dev)
             parts.append(model(chunk, kind))
         emb = torch.empty(len(order), parts[0].shape[1])
         emb = emb.index_put((order,), torch.cat(parts))
@@ -183,8 +190,8 @@ def test_chunks_are_length_sorted_and_trimmed():
         return (seen.append(tuple(chunk["input_ids"].shape)),
                 chunk["input_ids"][:, :1].float())[1]
 
-    emb, (chunks, order, _) = train.embed(stub, tokens, "doc", 2, contextlib.nullcontext(),
-                                          torch.device("cpu"))
+    emb, (chunks, order, _) = grad_cache.embed(stub, tokens, "doc", 2, contextlib.nullcontext(),
+                                               torch.device("cpu"))
     assert order.tolist() == [1, 0, 2] and seen == [(2, 4), (1, 1)]
     assert emb.flatten().tolist() == [1, 1, 1]  # back in batch order
 
@@ -195,8 +202,8 @@ def test_attention_dropout_flag(tiny_model, train_file, tmp_path):
     def config(m):
         return m.encoder.config.attention_probs_dropout_prob, m.encoder.config.hidden_dropout_prob
 
-    assert config(train.BiEncoder(tiny_model)) == (0.1, 0.1)
-    assert config(train.BiEncoder(tiny_model, attention_dropout=0.0)) == (0.0, 0.1)
+    assert config(BiEncoder(tiny_model)) == (0.1, 0.1)
+    assert config(BiEncoder(tiny_model, attention_dropout=0.0)) == (0.0, 0.1)
     run(tiny_model, train_file, tmp_path / "ad0", "--chunk_size", 4, "--attention_dropout", 0)
     with open(tmp_path / "ad0" / "model" / "config.json") as f:
         config = json.load(f)
@@ -237,6 +244,7 @@ def test_auto_chunk_follows_the_model_and_the_length():
                   settings={"passage_max_len": length})
 
     gpu = torch.device("cuda")
-    assert [train.auto_chunk(model(*m), gpu)
+    assert [grad_cache.chunk_size(None, model(*m), gpu)
             for m in ((768, 12, 256), (1024, 24, 512), (384, 6, 256))] == [256, 48, 1024]
-    assert train.auto_chunk(model(768, 12, 256), torch.device("cpu")) == 32
+    assert grad_cache.chunk_size(None, model(768, 12, 256), torch.device("cpu")) == 32
+    assert grad_cache.chunk_size(0, model(768, 12, 256), gpu) == 0  # --chunk_size as given

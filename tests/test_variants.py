@@ -94,9 +94,9 @@ def test_matryoshka_loss_is_the_sum_of_each_prefix_s_infonce():
     q = F.normalize(torch.randn(6, 16), dim=-1)
     d = F.normalize(torch.randn(12, 16), dim=-1)
     batch = {"offset": 0, "teacher": None, "in_batch": True}
-    args = argparse.Namespace(mask_false_negatives=0, false_negative_margin=None, loss="reference",
-                              mrl_dims=[16, 8, 4], normalize=True, temp=0.05, group_size=2,
-                              distill=None)
+    args = argparse.Namespace(mask_false_negatives=0, loss="reference", mrl_dims=[16, 8, 4],
+                              temp=0.05, distill=None)
+    setup = train.Setup(group_size=2, margin=None, data_hash="", normalize=True)
     targets = torch.arange(6) * 2
 
     def by_hand(k):  # the first k dimensions, re-normalised, then cross-entropy over the batch
@@ -104,12 +104,13 @@ def test_matryoshka_loss_is_the_sum_of_each_prefix_s_infonce():
         dk = F.normalize(d[:, :k], dim=-1)
         return F.cross_entropy(qk @ dk.T / 0.05, targets)
     expected = by_hand(16) + by_hand(8) + by_hand(4)
-    assert train.compute_loss(q, d, batch, args).item() == pytest.approx(expected.item(), rel=1e-6)
+    loss = train.compute_loss(q, d, batch, args, setup)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     raw = F.cross_entropy(q[:, :4] @ d[:, :4].T / 0.05, targets)  # the prefix as it is
     assert by_hand(4).item() != pytest.approx(raw.item(), rel=1e-3)  # re-normalising matters
     args.mrl_dims = None  # off: the whole embedding's InfoNCE alone
     whole = by_hand(16).item()
-    assert train.compute_loss(q, d, batch, args).item() == pytest.approx(whole, rel=1e-6)
+    assert train.compute_loss(q, d, batch, args, setup).item() == pytest.approx(whole, rel=1e-6)
 
 
 def test_matryoshka_trains_and_evaluate_dim_scores_the_prefix(tiny_model, train_file, tmp_path):
