@@ -95,6 +95,11 @@ def check_same_run(path, state, args, setup):
     of MAY_CHANGE, and the same Setup derived from them and the data."""
     for name, value in vars(args).items():
         before = state["args"].get(name)  # .get: older checkpoints lack newer flags
+        if name in ("model", "train_data", "dataset", "eval_dataset", "eval_queries"):
+            same_place = [os.path.realpath(p) for p in as_list(before)] == [
+                os.path.realpath(p) for p in as_list(value)]
+            if same_place:  # a path written another way (a trailing slash, relative): the same
+                continue
         if name not in MAY_CHANGE and before != value:
             raise cli.InputError(f"{path}: it was trained with --{name} {before}, not {value}; "
                                  f"use another --out_dir, or the same flags (only "
@@ -106,9 +111,23 @@ def check_same_run(path, state, args, setup):
             raise cli.InputError(f"{path}: it was trained with {what}; use another --out_dir, or "
                                  f"the same data and flags")
 
-def check_fresh(out, args):
+def as_list(paths):
+    """A flag's path or paths as a list (none: [])."""
+    if paths is None:
+        return []
+    return [paths] if isinstance(paths, str) else list(paths)
+
+def check_fresh(out, args, names):
     """Before any work: a fresh run (no --resume) into an --out_dir that holds a run of train.py
-    with a checkpoint is refused, unless --overwrite. out: the folder's cli.Claim."""
+    with a checkpoint is refused, unless --overwrite; so is a --model inside one of the names the
+    run writes there (names), which it would replace while reading it. out: the folder's
+    cli.Claim."""
+    model = os.path.realpath(args.model)
+    for name in names:
+        inside = os.path.realpath(os.path.join(args.out_dir, name))
+        if model == inside or model.startswith(inside + os.sep):
+            raise cli.InputError(f"--model {args.model} is inside --out_dir's {name}, which this "
+                                 f"run replaces; copy it elsewhere and give that as --model")
     earlier = out.present()
     if "train_state.pt" in earlier and not args.resume and not args.overwrite:
         raise cli.InputError(f"{args.out_dir} holds a run of train.py ({', '.join(earlier)}); "

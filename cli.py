@@ -181,6 +181,7 @@ def atomic_write(path, write_fn, mode="w"):
     disk is one line (cli.InputError), the file as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    note_written(path)
     # in a claimed folder through its temporary folder, whose leftovers are known to be ours
     temp = temp_folder(path) or folder
     fd, tmp = tempfile.mkstemp(dir=temp, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -223,6 +224,14 @@ def output(path, folder=True):
         raise InputError(f"cannot write {path}: {existing} is not writable")
     return path
 
+def not_an_input(out, inputs):
+    """A file --out that is one of the run's inputs ({what: path}; the same file under any
+    spelling, a link or a hard link) would be replaced by what is made from it: one line instead."""
+    for what, path in inputs.items():
+        if path and os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out):
+            raise InputError(f"--out {out} is {what}: writing it would replace an input; give "
+                             f"another --out")
+
 # ------------------------------------------------------------------------------------------ folders
 #
 # A script removes, replaces or reads as its own only what it wrote itself, and it knows that from a
@@ -231,8 +240,10 @@ def output(path, folder=True):
 # is; a name the script has to write that the user already has there stops it in one line.
 
 RECORD = ".written_by.json"
-LOCK = ".lock"
-CLAIMED = {}  # a claimed folder (its real path) -> its temporary folder, for atomic_write
+LOCK = ".written_by.lock"
+# a claimed folder (its real path) -> (its temporary folder, a weak reference to its Claim, or None
+# on the ranks that did not claim it): weak, so that a claim dropped by its holder is released
+CLAIMED = {}
 LIVE = weakref.WeakSet()  # the claims this process holds, released by run() when main stops
 
 def read_record(folder):
@@ -282,23 +293,26 @@ class Claim:
             self.made = os.path.dirname(self.made)
         if os.path.exists(self.made):
             self.made = None
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise InputError(f"cannot write {folder}: it is a file")
+        self.record = read_record(self.folder)  # before anything is made: it may refuse
         try:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot write {folder}: {e.strerror or e}") from None
         self.lock = lock_folder(self.folder)
         LIVE.add(self)
-        self.record = read_record(self.folder)
-        self.had_record = bool(self.record["files"])
         if not self.record.get("temp"):  # a name nothing in the folder has yet
             name = ".partial"
             while os.path.lexists(os.path.join(self.folder, name)):
                 name = f".partial-{secrets.token_hex(4)}"
             self.record["temp"] = name
         self.temp = os.path.join(self.folder, self.record["temp"])
+        # the temporary folder's name in the record before it is made (the other ranks read it)
+        write_json(os.path.join(self.folder, RECORD), self.record)
         self.tidy()
         os.makedirs(self.temp)
-        CLAIMED[os.path.realpath(self.folder)] = self.temp
+        CLAIMED[os.path.realpath(self.folder)] = (self.temp, weakref.ref(self))
 
     def tidy(self):
         """Put back a folder swap_in moved aside and whose replacement never came, then remove the
@@ -314,8 +328,10 @@ class Claim:
         shutil.rmtree(self.temp)
 
     def own(self, names):
-        """Add names to what this script writes in the folder; a name that is there already must
-        be its own (by the record), or this stops in one line, nothing changed."""
+        """Check the names this script may write in the folder: one that is there already must be
+        its own (by the record), or this stops in one line, nothing changed. A name enters the
+        record only when the script first writes it (note), so that a file a user puts under a
+        name never written is never taken for the script's."""
         for name in names:
             path = os.path.join(self.folder, name)
             owner = self.record["files"].get(name)
@@ -325,9 +341,12 @@ class Claim:
             if owner not in (None, self.script):
                 raise InputError(f"{path} was written by {owner}; give {self.script} another "
                                  f"folder (nothing was changed)")
-        for name in names:
+
+    def note(self, name):
+        """Record name as this script's, before its first write."""
+        if self.record["files"].get(name) != self.script:
             self.record["files"][name] = self.script
-        write_json(os.path.join(self.folder, RECORD), self.record)
+            write_json(os.path.join(self.folder, RECORD), self.record)
 
     def present(self):
         """The names of this script's files that are in the folder now."""
@@ -353,7 +372,7 @@ class Claim:
         self.tidy()
         files = self.record["files"]
         self.record["files"] = {name: script for name, script in files.items()
-                                if os.path.lexists(os.path.join(self.folder, name))}
+                                if name == "*" or os.path.lexists(os.path.join(self.folder, name))}
         record = os.path.join(self.folder, RECORD)
         if self.record["files"]:
             write_json(record, self.record)
@@ -386,24 +405,42 @@ def claim(folder, script, names=(), rank=0, world=1):
         held.own(names)
     if world > 1:
         dist.barrier()
-    if rank != 0:
+    if rank != 0:  # they write through the temporary folder; rank 0 notes what they write
         temp = read_record(folder)["temp"]
-        CLAIMED[os.path.realpath(folder)] = os.path.join(os.path.abspath(folder), temp)
+        CLAIMED[os.path.realpath(folder)] = (os.path.join(os.path.abspath(folder), temp), None)
     return held
 
-def temp_folder(path):
-    """The temporary folder of the claimed folder path lies in, or None."""
+def claimed(path):
+    """(the claimed folder path lies in, its temporary folder, its Claim or None), or None."""
     folder = os.path.dirname(os.path.realpath(path))
     while folder not in CLAIMED:
         if os.path.dirname(folder) == folder:
             return None
         folder = os.path.dirname(folder)
-    return CLAIMED[folder]
+    temp, ref = CLAIMED[folder]
+    return folder, temp, ref() if ref else None
+
+def temp_folder(path):
+    """The temporary folder of the claimed folder path lies in, or None."""
+    found = claimed(path)
+    return found[1] if found else None
+
+def note_written(path):
+    """Before writing path: if it lies in a folder this process claimed, the name it is under
+    there enters the folder's record as the script's (not the temporary folder's own name)."""
+    found = claimed(path)
+    if found is None or found[2] is None:
+        return
+    folder, temp, held = found
+    name = os.path.relpath(os.path.realpath(path), folder).split(os.sep)[0]
+    if name not in (os.path.basename(temp), RECORD, LOCK):  # the claim's own files
+        held.note(name)
 
 def swap_in(tmp, final):
     """Replace the folder final (in a claimed folder) by the folder tmp, written in that claimed
     folder's temporary folder. A kill between the two renames leaves final's old version there as
     NAME.old, which the next claim puts back."""
+    note_written(final)
     old = os.path.join(temp_folder(final), os.path.basename(final) + ".old")
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
@@ -417,20 +454,27 @@ def whole(path, script):
 
 def check_folder(path, script):
     """Before any work: the folder path, which script writes whole (write_folder), is new, empty or
-    script's own, and so are PATH.tmp and PATH.old beside it if they are there."""
+    script's own with nothing added since, and so are PATH.tmp and PATH.old beside it if they are
+    there."""
+    path = os.path.realpath(path)  # a link to a folder: the folder it points to
     for name in (path, path + ".tmp", path + ".old"):
         if os.path.isfile(name) or (os.path.isdir(name) and os.listdir(name)
                                     and not whole(name, script)):
             raise InputError(f"{name} is there, and {script} did not write it; give another --out, "
                              f"or move it away (nothing was changed)")
+    if os.path.isdir(path) and os.listdir(path):
+        added = set(os.listdir(path)) - set(read_record(path).get("names", [])) - {RECORD, LOCK}
+        if added:
+            raise InputError(f"{path} holds {', '.join(sorted(added))}, which {script} did not "
+                             f"write; move them away, or give another --out (nothing was changed)")
     output(path)
 
 def write_folder(path, script, write):
     """Write the folder path whole: write(tmp) fills PATH.tmp beside it, marked as script's by a
-    record inside, which then replaces path. A kill at any moment leaves path as it was or as it is
-    to be, and PATH.tmp or PATH.old beside it, which the next write_folder of script cleans up (or
-    puts back)."""
-    path = os.path.abspath(path).rstrip("/")
+    record inside (with the names it holds), which then replaces path. A kill at any moment leaves
+    path as it was or as it is to be, and PATH.tmp or PATH.old beside it, which the next
+    write_folder of script cleans up (or puts back)."""
+    path = os.path.realpath(path)
     check_folder(path, script)
     tmp = path + ".tmp"
     old = path + ".old"
@@ -442,6 +486,9 @@ def write_folder(path, script, write):
         # the record first: a kill while write() runs leaves a PATH.tmp known to be script's
         write_json(os.path.join(tmp, RECORD), {"files": {"*": script}, "temp": None})
         write(tmp)
+        names = sorted(set(os.listdir(tmp)) - {RECORD})
+        write_json(os.path.join(tmp, RECORD), {"files": {"*": script}, "temp": None,
+                                              "names": names})
     if os.path.isdir(path):
         os.rename(path, old)
     os.rename(tmp, path)

@@ -15,6 +15,7 @@ A malformed line, an unknown id or a missing file raises cli.InputError naming t
 id).
 """
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,10 +42,19 @@ def text_problem(text):
         text.encode("utf-8")
     except UnicodeEncodeError:
         return "valid Unicode (it holds a lone surrogate, half of a character)"
-    visible = [c for c in text if not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf")]
+    visible = [c for c in text if not invisible(c)]
     if not visible:
         return "a non-empty text (it is empty, or only spaces and invisible characters)"
     return None
+
+# Characters that show nothing and that tokenizers drop or map to [UNK]: Unicode's fillers and blank
+# signs (the rest of its default-ignorable code points are categories Cf and Mn)
+FILLERS = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
+
+def invisible(c):
+    """Whether a character shows nothing alone: spaces, control and format characters (zero-width
+    spaces, byte-order marks), combining marks (variation selectors), fillers."""
+    return c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Mn", "Me") or c in FILLERS
 
 def check_text(text, where):
     """text, or an InputError naming where it is (file and line, or id) and what is wrong."""
@@ -114,6 +124,8 @@ def load_dataset(ref, split=None, split_flag="--split"):
         if not split:
             raise InputError(f"{ref}: a BEIR folder needs {split_flag} (e.g. test)")
         corpus, queries, qrels = load_beir_folder(ref, split)
+    elif os.path.exists(ref):
+        raise InputError(f"{ref}: a file, not a BEIR folder nor an ir_datasets id")
     elif split:
         raise InputError(f"{split_flag} {split} only applies to a BEIR folder; put the split in "
                          f"the ir_datasets id (e.g. beir/scifact/{split})")
@@ -340,35 +352,67 @@ def read_train_jsonl(path):
         print(f"{path}: keys not read (ignored): {counts}")
     return examples
 
-# FlagEmbedding's switch: data whose path (file or folder) has this in its name trains each query
-# against its own group only, without in-batch negatives (classification, clustering data).
-NO_IN_BATCH_NEG = "-no_in_batch_neg"
+# FlagEmbedding's switch: a file whose name (before its extension) or a folder whose name ends with
+# this trains each query against its own group only, without in-batch negatives (classification,
+# clustering data).
+NO_IN_BATCH_NEG = "no_in_batch_neg"
 
 def train_sources(paths):
     """--train_data as FlagEmbedding reads it -> [(file, in_batch_negatives)]: each path a jsonl
     file, or a folder whose .jsonl and .json files (in name order) are each a source of their own;
-    in_batch_negatives is False where the path has NO_IN_BATCH_NEG in it. The same file twice, under
-    any spelling, is an error."""
+    in_batch_negatives is False for a file or folder whose name ends with NO_IN_BATCH_NEG (a file's
+    before its extension), as in FlagEmbedding. The same file twice, under any spelling, is an
+    error."""
     sources = []
     for path in paths:
         if os.path.isdir(path):
-            names = sorted(n for n in os.listdir(path) if n.endswith((".jsonl", ".json")))
+            names = sorted(n for n in os.listdir(path) if n.endswith((".jsonl", ".json"))
+                           and os.path.isfile(os.path.join(path, n)))
             if not names:
                 raise InputError(f"--train_data {path}: a folder without .jsonl or .json files")
-            files = [os.path.join(path, n) for n in names]
+            in_batch = not os.path.basename(os.path.abspath(path)).endswith(NO_IN_BATCH_NEG)
+            sources += [(os.path.join(path, n), in_batch) for n in names]
         elif os.path.isfile(path):
-            files = [path]
+            stem = os.path.splitext(os.path.basename(path))[0]
+            sources.append((path, not stem.endswith(NO_IN_BATCH_NEG)))
         else:
             raise InputError(f"--train_data {path}: file not found")
-        sources += [(f, NO_IN_BATCH_NEG not in path) for f in files]
     seen = {}
     for file, _ in sources:
-        real = os.path.realpath(file)
-        if real in seen:
-            raise InputError(f"--train_data names {file} twice (also as {seen[real]}); give each "
+        same = (os.stat(file).st_dev, os.stat(file).st_ino)  # one file, under any name or link
+        if same in seen:
+            raise InputError(f"--train_data names {file} twice (also as {seen[same]}); give each "
                              f"file once")
-        seen[real] = file
+        seen[same] = file
     return sources
+
+@dataclasses.dataclass
+class TrainData:
+    """train.py's examples and where they came from."""
+    examples: list  # every source's examples, one source after the other
+    sources: list  # [(file, number of examples, in-batch negatives)], one a file
+    use_ids: bool  # every example has ids: the false-negative mask compares ids, else texts
+
+    def negatives(self, batch_size, group_size):
+        """Negatives a query sees: the batch's other documents, or its group's with no in-batch."""
+        if any(in_batch for _, _, in_batch in self.sources):
+            return batch_size * group_size - 1
+        return group_size - 1
+
+def load_train(paths, dataset, split, group_size, batch_size, distill):
+    """train.py's data: the files of --train_data (paths), or the positives of --dataset's qrels,
+    checked against the flags (check_groups) -> (TrainData, the group size)."""
+    if paths:
+        sources = train_sources(paths)
+        parts = [read_train_jsonl(path) for path, _ in sources]
+    else:
+        sources = [(dataset, True)]
+        parts = [examples_from_qrels(*load_dataset(dataset, split))]
+    group_size = check_groups(sources, parts, group_size, batch_size, distill)
+    examples = [ex for part in parts for ex in part]
+    use_ids = all("pos_ids" in ex and ("neg_ids" in ex or not ex["neg"]) for ex in examples)
+    counted = [(name, len(part), in_batch) for (name, in_batch), part in zip(sources, parts)]
+    return TrainData(examples, counted, use_ids), group_size
 
 def check_groups(sources, parts, group_size, batch_size, distill):
     """train.py's data against its flags, before the model loads -> the group size (documents a

@@ -85,6 +85,9 @@ def score_encoding(args, corpus, queries, qrels, search_options):
     retrieval.make_index(args.index, args.dim or docs.dim, len(docs.ids), args.nprobe,
                          args.ef_search)
     q_ids = sorted(qrels)
+    if not os.path.isfile(os.path.join(args.emb, "queries.ids.txt")):
+        raise cli.InputError(f"{args.emb}: an unfinished encoding (no query vectors yet); rerun "
+                             f"the same encode.py command to finish it")
     emb_ids, emb = retrieval.load_embeddings(args.emb, "queries")
     if emb.shape[1] != docs.dim:
         raise cli.InputError(f"{args.emb}: query vectors of {emb.shape[1]} dimensions, documents "
@@ -114,7 +117,9 @@ def write_outputs(args, run, means, per_query, model_name):
     print(f"wrote {os.path.join(args.out, 'run.trec')} and metrics.json")
 
 def main(args):
-    if args.compare:
+    if args.compare:  # the folders hold all it reads
+        others = [a.dest for a in parser._actions if a.dest not in ("help", "compare")]
+        cli.no_effect(args, parser, others, "with --compare")
         return compare(args.compare)
     if args.emb:  # the encoding's own model, dtype and batches made its vectors
         cli.no_effect(args, parser, ("model", "dtype", "batch_size"), "with --emb")

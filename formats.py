@@ -152,11 +152,33 @@ def read_settings(path, decoder=False):
     """Bi-encoder settings of a folder: our biencoder.json, else its sentence-transformers files
     (modules.json and the modules' configs), else DEFAULTS (DECODER_DEFAULTS for a decoder)."""
     defaults = DECODER_DEFAULTS if decoder else DEFAULTS
+    st_files = os.path.isfile(os.path.join(path, "modules.json"))
     if os.path.isfile(os.path.join(path, SETTINGS)):
-        return {**defaults, **data.read_json(os.path.join(path, SETTINGS))}
-    if os.path.isfile(os.path.join(path, "modules.json")):
+        ours = {**defaults, **data.read_json(os.path.join(path, SETTINGS))}
+        if st_files:  # saved by us; then perhaps saved again by sentence-transformers
+            check_same(path, ours, read_st_settings(path, defaults))
+        return ours
+    if st_files:
         return read_st_settings(path, defaults)
     return dict(defaults)
+
+def check_same(path, ours, theirs):
+    """biencoder.json and the sentence-transformers files of one folder must say the same: where a
+    folder we saved was saved again by sentence-transformers (another prompt, another length), the
+    two would give other vectors, and neither can be taken over the other in silence."""
+    keys = ["pooling", "normalize", "query_prefix", "doc_prefix", "passage_max_len", "pool_prompt",
+            "separate_towers"]
+    if ours["separate_towers"]:  # each tower's max_seq_length is its own length
+        keys.append("query_max_len")
+    differ = [key for key in keys if ours[key] != theirs[key]]
+    if (ours["dense"] is None) != (theirs["dense"] is None):
+        differ.append("dense")
+    if differ:
+        key = differ[0]
+        raise InputError(f"{path}: its {SETTINGS} says {key} {ours.get(key)!r}, its "
+                         f"sentence-transformers files {theirs.get(key)!r} (saved again by another "
+                         f"program?); remove the stale one: {SETTINGS}, or modules.json and the "
+                         f"files it names")
 
 def st_class(module_type):
     """A modules.json type -> the class name of a sentence-transformers module ("Pooling" for
@@ -272,6 +294,8 @@ def st_max_len(folder, kind):
 def st_pooling(folder):
     """Our pooling for a sentence-transformers Pooling config: one mode (6.x: "pooling_mode";
     5.x: one boolean a mode, mean where none is set); several modes at once are refused."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):  # sentence-transformers needs it
+        raise InputError(f"{folder}: a Pooling module without its config.json")
     config = read_st_config(folder)
     modes = config.get("pooling_mode")
     if modes is None:

@@ -146,10 +146,13 @@ class FusedInfoNCE(torch.autograd.Function):
         return dq.to(q.dtype), dd.to(d.dtype), None, None, None, None, None, None, None, None
 
 def fused_info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, margin=None,
-                   tile=None, compile=None):
-    """Same arguments and result as loss.info_nce, in O(tile) extra memory instead of O(B * N).
+                   directions=("qd",), hardness=0.0, tile=None, compile=None):
+    """Same arguments and result as loss.info_nce, in O(tile) extra memory instead of O(B * N), for
+    its default directions and hardness (train.py --loss auto takes the reference otherwise).
     tile: (rows, cols) of a logit tile; compile: torch.compile the tile functions (default: on
     CUDA)."""
+    if tuple(directions) != ("qd",) or hardness:
+        raise ValueError("fused_info_nce computes directions ('qd',) without hardness only")
     if tile is None:
         tile = (4096, 16384) if q.is_cuda else (512, 4096)
     if compile is None:

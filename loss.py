@@ -31,6 +31,23 @@ Unlabelled positives: where a query has many relevant documents and only some ar
 document scoring more than m above query i's positive, s(q_i, d_j) > s(q_i, d_target(i)) + m, is
 taken for one and left out of i's denominator as well (Qwen3-Embedding's mask, m = 0.1). The mask
 is made from the scores but is not differentiated: it only chooses which terms the sum has.
+
+More directions in one softmax (GTE's "improved contrastive loss", Qwen3-Embedding): besides query i
+against the documents ("qd"), its partition function Z_i may hold its positive against the other
+queries ("dq"), the query against the other queries ("qq") and its positive against the other
+documents ("dd"); with a_i = s(q_i, d_t) / τ and t = i*G,
+
+    Z_i = exp(a_i) + sum_{k != t} exp(s(q_i, d_k) / τ)        qd, always
+                   + sum_{j != i} exp(s(q_j, d_t) / τ)        dq
+                   + sum_{j != i} exp(s(q_i, q_j) / τ)        qq
+                   + sum_{k != t} exp(s(d_t, d_k) / τ)        dd
+    loss_i = log Z_i - a_i
+
+(sentence-transformers' directions count the positive a second time in "dq" and leave out a
+query's own negatives in "dd"; here each term appears once.) The false negatives leave every
+direction: by key, a document that is another positive of query i, or a query whose positive is
+one; by margin, any term more than m above the positive. With hardness α (EmbeddingGemma, Lan et
+al. 2025) each negative term x becomes exp(x / τ + α · stopgrad(x)): the harder, the heavier.
 """
 import torch
 import torch.distributed as dist
@@ -60,23 +77,53 @@ def above_positive_mask(scores, targets, margin):
     mask[rows, targets] = False
     return mask
 
-def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, margin=None):
+def info_nce(q, d, temp, group_size, offset=0, d_keys=None, q_pos_keys=None, margin=None,
+             directions=("qd",), hardness=0.0):
     """InfoNCE of queries q (B, D) against documents d (N, D) laid out per query -> the mean loss
     over the B queries (a scalar). offset is non-zero when the B queries are one rank's slice of a
-    gathered batch; margin: leave out the documents scoring more than this above the positive."""
+    gathered batch; margin: leave out the terms scoring more than this above the positive.
+    directions and hardness: the field's extensions of the partition function (below); the default
+    is the loss above, exactly."""
     # the logits in float32 (float64 stays float64)
     with torch.autocast(q.device.type, enabled=False):
         dtype = torch.promote_types(q.dtype, torch.float32)
-        raw = q.to(dtype) @ d.to(dtype).T  # (B, N)
-        scores = raw / temp
+        q = q.to(dtype)
+        d = d.to(dtype)
+        rows = torch.arange(len(q), device=q.device)
         targets = targets_of(q, group_size, offset)  # (B,)
-        if d_keys is not None:
-            scores = scores.masked_fill(false_negative_mask(d_keys, q_pos_keys, targets),
-                                        float("-inf"))
-        if margin is not None:
-            scores = scores.masked_fill(above_positive_mask(raw.detach(), targets, margin),
-                                        float("-inf"))
-        return F.cross_entropy(scores, targets)
+        # each direction is a block of columns of one softmax; "qd" holds the positive
+        raw = {"qd": q @ d.T}  # (B, N): query i against every document
+        leave_out = {"qd": torch.zeros_like(raw["qd"], dtype=torch.bool)}
+        if d_keys is not None:  # the query's other positives are not its negatives
+            leave_out["qd"] = false_negative_mask(d_keys, q_pos_keys, targets)
+        pos = d[targets]  # (B, D): each query's positive
+        if {"dq", "qq"} & set(directions):
+            q_all = gather(q)  # (W * B, D): the queries of every rank
+            me = torch.nn.functional.one_hot(offset + rows, len(q_all)).bool()  # query i itself
+            # a query whose positive is one of i's positives is not i's negative either
+            if d_keys is not None:
+                q_targets = torch.arange(len(q_all), device=q.device) * group_size
+                me = me | (d_keys[q_targets][None, :, None] == q_pos_keys[:, None, :]).any(2)
+        if "dq" in directions:  # the positive against the other queries
+            raw["dq"] = pos @ q_all.T  # (B, W * B)
+            leave_out["dq"] = me
+        if "qq" in directions:  # the query against the other queries
+            raw["qq"] = q @ q_all.T  # (B, W * B)
+            leave_out["qq"] = me
+        if "dd" in directions:  # the positive against the other documents
+            raw["dd"] = pos @ d.T  # (B, N)
+            leave_out["dd"] = leave_out["qd"].clone()
+            leave_out["dd"][rows, targets] = True  # the positive itself
+        scores = torch.cat([raw[k] for k in raw], 1)  # (B, N + ...), the positive at targets
+        mask = torch.cat([leave_out[k] for k in raw], 1)
+        if margin is not None:  # terms above the positive + margin: unlabelled positives
+            mask = mask | above_positive_mask(scores.detach(), targets, margin)
+        logits = scores / temp
+        if hardness:  # each negative weighted by exp(hardness * its score): the harder, the heavier
+            negative = torch.ones_like(mask)
+            negative[rows, targets] = False
+            logits = logits + hardness * scores.detach() * negative
+        return F.cross_entropy(logits.masked_fill(mask, float("-inf")), targets)
 
 def own_group_info_nce(q, d, temp, group_size):
     """InfoNCE of each query against its own group [p_i, n_i,1 .. n_i,G-1] only, without in-batch

@@ -26,7 +26,6 @@ teacher's, if any): {"qid", "query", "pos", "pos_ids", "pos_scores", "neg", "neg
 """
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -97,25 +96,28 @@ def check_flags(args):
     else:
         cli.no_effect(args, parser, ("corpus",), "without --train_data (the negatives come from "
                       "--dataset's corpus)")
-    for flag in ("train_data", "corpus"):
-        path = getattr(args, flag)
-        if path and os.path.realpath(path) == os.path.realpath(args.out):
-            raise cli.InputError(f"--out {args.out} is --{flag}: writing it would replace the "
-                                 f"input; give another --out")
+    inputs = {"--train_data": args.train_data, "--corpus": args.corpus, "--queries": args.queries}
+    if os.path.isdir(args.dataset):  # a BEIR folder: its files are inputs too
+        for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{args.split}.tsv"):
+            inputs[f"--dataset's {name}"] = os.path.join(args.dataset, name)
+    cli.not_an_input(args.out, inputs)
     cli.output(args.out, folder=False)
 
 def encoding_folder(args, rank, world):
-    """A new folder beside --out for the corpus's vectors, removed once the negatives are written
-    (a unique name: nothing there is taken for it or removed with it); every rank gets rank 0's."""
-    name = [None]
+    """The folder beside --out for the corpus's vectors, removed once the negatives are written:
+    .OUT.encoding, marked as mine.py's by a record inside (a killed run's is removed by the next
+    run; one that is not mine.py's stops it in one line)."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                          f".{os.path.basename(args.out)}.encoding")
     if rank == 0:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
-        prefix = f".{os.path.basename(args.out)}.encoding-"
-        name = [tempfile.mkdtemp(dir=folder, prefix=prefix)]
+        if os.path.exists(folder) and not cli.whole(folder, "mine.py"):
+            raise cli.InputError(f"{folder} is there, and mine.py did not write it; move it away, "
+                                 f"or give another --out")
+        shutil.rmtree(folder, ignore_errors=True)
+        cli.write_json(os.path.join(folder, cli.RECORD), {"files": {"*": "mine.py"}, "temp": None})
     if world > 1:
-        torch.distributed.broadcast_object_list(name)
-    return name[0]
+        torch.distributed.barrier()
+    return folder
 
 def main(args):
     device, rank, world = cli.setup_device(args.device)

@@ -147,9 +147,14 @@ class Remining:
     newest with j < i: the only ones that can be there when it is made, so that a resumed run sees
     the batches of an uninterrupted one."""
 
-    def __init__(self, examples, corpus, out_dir, every, window, num_neg, margin, seed):
-        self.versions = {0: examples}  # {j: the examples with the negatives mined after step j}
-        self.corpus = corpus
+    def __init__(self, train_data, dataset, split, out_dir, every, window, num_neg, margin, seed):
+        """train_data: data.TrainData; dataset, split: the corpus to mine from (every 0: none, the
+        train data's negatives throughout)."""
+        self.versions = {0: train_data.examples}  # {j: the examples, negatives mined after step j}
+        self.corpus = None
+        if every:
+            self.corpus = corpus_for_remining(dataset, split, train_data.examples,
+                                              train_data.use_ids)
         self.folder = os.path.join(out_dir, "remined")
         self.every = every
         self.window = window

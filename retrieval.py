@@ -67,10 +67,18 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
             key = changed[0]
             what = WHAT_CHANGED.get(key, f"with {key} {old.get(key)!r}, not {meta[key]!r}")
             raise InputError(f"{path}: this folder holds an encoding {what}; its vectors are not "
-                             f"those of this run: give another folder, or delete it")
+                             f"those of this run: give another folder, or delete this one")
     elif rank == 0:
+        names = shard_names(len(ids), shard_size)
+        orphans = [n for n in files(names) if os.path.isfile(os.path.join(folder, n))]
+        if orphans:  # shards whose meta.json is gone: nothing says what made them
+            raise InputError(f"{folder}: {orphans[0]} and no meta.json that says what made it; "
+                             f"delete the folder's corpus.* files, or give another folder")
         cli.write_json(path, meta)  # before any shard: a rerun can tell whose shards these are
     names = shard_names(len(ids), shard_size)
+    if rank == 0:  # every rank's shards are the script's, in the folder's record (cli.Claim)
+        for name in files(names):
+            cli.note_written(os.path.join(folder, name))
     todo = [s for s in range(rank, len(names), world)  # this rank's shards, those not yet written
             if not os.path.isfile(os.path.join(folder, f"{names[s]}.ids.txt"))]
     total = sum(len(ids[s * shard_size:(s + 1) * shard_size]) for s in todo)
@@ -223,6 +231,7 @@ def exact_search(q, shards, k, device="cpu", rows=1024, cols=65536):
     return scores.cpu().numpy(), idx.cpu().numpy()
 
 TRAIN_SAMPLE = 300_000  # vectors an IVF or PQ index learns from (faiss wants 39 to 256 a centroid)
+TRIAL_SIZE = 20_000  # make_index tries an index out on this many vectors at most
 
 def make_index(factory, dim, count, nprobe=None, ef_search=None):
     """An empty faiss index from an index_factory string, for count vectors of dim dimensions, with
@@ -253,6 +262,20 @@ def make_index(factory, dim, count, nprobe=None, ef_search=None):
     if pq is not None and pq.ksub > learned:
         raise InputError(f"--index {factory!r}: {pq.ksub} centroids a PQ part for {count} "
                          f"documents; give fewer bits (e.g. PQ{pq.M}x4) or no PQ")
+    # what faiss refuses for reasons of its own (an index it cannot fill, a part deep inside that
+    # wants more training vectors): a trial on as many random unit vectors as it will learn from,
+    # where that is cheap
+    if learned <= TRIAL_SIZE:
+        trial = faiss.clone_index(index)
+        x = np.random.default_rng(0).standard_normal((learned, dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        try:
+            if not trial.is_trained:
+                trial.train(x)
+            trial.add(x)
+            trial.search(x[:1], 1)
+        except RuntimeError as e:
+            raise refused(e) from None
     space = faiss.ParameterSpace()
     for name, value, flag in (("nprobe", nprobe, "--nprobe"),
                               ("efSearch", ef_search, "--ef_search")):

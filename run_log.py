@@ -20,10 +20,14 @@ def open_logs(args, start, rank):
     if rank != 0:
         return None, None
     mode = "a" if start else "w"
-    log = open(os.path.join(args.out_dir, "log.jsonl"), mode)
+    path = os.path.join(args.out_dir, "log.jsonl")
+    cli.note_written(path)  # train.py's, by the folder's record
+    log = open(path, mode)
     example_log = None
     if args.example_log:
-        example_log = open(os.path.join(args.out_dir, "examples.jsonl"), mode)
+        path = os.path.join(args.out_dir, "examples.jsonl")
+        cli.note_written(path)
+        example_log = open(path, mode)
     return log, example_log
 
 def trainable(model):

@@ -11,8 +11,6 @@ logit of (query, text)) or a bi-encoder (a checkpoint of ours, or any folder enc
 cosine of the query's and the text's embeddings, with the teacher's own prefixes, pooling and
 towers). Scores already in the file are replaced.
 """
-import os
-
 import numpy as np
 
 import cli
@@ -26,9 +24,7 @@ parser.add_argument("--train_data", required=True,
 
 def main(args):
     device = cli.setup_device(args.device)[0]
-    if os.path.realpath(args.out) == os.path.realpath(args.train_data):
-        raise cli.InputError(f"--out {args.out} is --train_data: writing it would replace the "
-                             f"input; give another --out")
+    cli.not_an_input(args.out, {"--train_data": args.train_data})
     cli.output(args.out, folder=False)
     rows = data.read_train_jsonl(args.train_data)
     score = load_teacher(args.teacher, device, cli.default_dtype(args.dtype, device))

@@ -1,6 +1,8 @@
 """A teacher's score of (query, text) pairs, for score.py (distillation data) and mine.py
 (its margin): a cross-encoder gives its logit of the pair, a bi-encoder the cosine of the two
 embeddings."""
+import os
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -13,6 +15,8 @@ def load_teacher(path, device, dtype):
     """The teacher in folder path -> score(queries, texts, batch_size=None): one float a
     (query, text) pair. A sequence-classification folder with one label is a cross-encoder; any
     other folder a bi-encoder, with its own pooling, prefixes and lengths."""
+    if not os.path.isdir(path):
+        raise InputError(f"--teacher {path}: not a folder (nothing is downloaded)")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

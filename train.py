@@ -42,7 +42,7 @@ from fused_loss import fused_info_nce
 from loss import (accuracy, distill_kl, gather, info_nce, margin_mse, own_group_info_nce,
                   prefix)
 from model import DTYPES, POOLINGS, for_training
-from negatives import Remining, corpus_for_remining
+from negatives import Remining
 from validation import evaluate, load_eval_set
 
 # the flags every stage shares (cli.SHARED_FLAGS): --model --dataset --split --dtype --device --seed
@@ -50,10 +50,8 @@ parser = cli.parser(__doc__, model=cli.default_model(), dataset="beir/nfcorpus/t
                     dtype=None, device="auto", seed=0)
 # data
 parser.add_argument("--train_data", nargs="+",
-                    help="FlagEmbedding jsonl files (query, pos, neg, ...), or folders of them; "
-                         "each batch comes from one file. A path with -no_in_batch_neg in it: its "
-                         "queries see only their own group (FlagEmbedding's switch). Default: the "
-                         "positives of --dataset's qrels.")
+                    help="FlagEmbedding jsonl files or folders of them (one file a batch; a name "
+                         "ending in no_in_batch_neg: own groups only). Default: --dataset's qrels.")
 parser.add_argument("--mix", default="size", choices=["size", "uniform"],
                     help="With several train files: batches from each as often as its size says, "
                          "or as often as from the largest.")
@@ -69,19 +67,19 @@ parser.add_argument("--mask_false_negatives", type=int, default=1, choices=[0, 1
                     help="1: a document that is another positive of a query is left out of its "
                          "negatives; 0: it counts as a negative.")
 parser.add_argument("--false_negative_margin", type=cli.margin, default="auto",
-                    help="Also leave out of a query's negatives every document scoring more than "
-                         "this above its positive (cosine), taken for an unlabelled positive "
-                         "(Qwen3-Embedding leaves out those 0.1 above). auto: 2 x --temp, i.e. "
-                         "the documents that would outweigh the positive more than e^2 = 7.4 "
-                         "times in the softmax; off: keep them all (the recipes).")
+                    help="Leave out of a query's negatives every term scoring more than this above "
+                         "its positive (cosine): an unlabelled positive. auto: 2 x --temp (those "
+                         "that would outweigh it e^2 = 7.4 times); off: keep them all.")
 # model
 parser.add_argument("--pooling", choices=POOLINGS, help="Pooling. Default: the model's.")
 parser.add_argument("--query_prefix", help="An instruction before each query (the model's).")
 parser.add_argument("--doc_prefix", help="An instruction before each document (the model's).")
 parser.add_argument("--attention_dropout", type=cli.share, default=0.0,
-                    help="Dropout on the attention probabilities, in place of the model's (0.1 for "
-                         "all-MiniLM-L6-v2): the recipes' 0 is the fast setting on a CPU, where "
-                         "PyTorch's attention with dropout takes a slow path.")
+                    help="Dropout on the attention probabilities in place of the model's: the "
+                         "recipes' 0 is fast on a CPU (attention with dropout takes a slow path).")
+parser.add_argument("--pool_prompt", type=int, choices=[0, 1],
+                    help="0: pooling leaves out the instruction's tokens (sentence-transformers' "
+                         "include_prompt false). Default: the model's.")
 parser.add_argument("--separate_towers", action="store_true",
                     help="Train a query encoder and a document encoder, both starting from "
                          "--model, instead of one shared encoder.")
@@ -103,6 +101,13 @@ parser.add_argument("--grad_checkpoint", action="store_true",
 parser.add_argument("--temp", type=cli.rate, default=0.05,
                     help="The InfoNCE temperature (the recipes' 0.05 is sentence-transformers' "
                          "scale 20; BGE uses 0.02).")
+parser.add_argument("--directions", nargs="+", default=["qd"], choices=["qd", "dq", "qq", "dd"],
+                    help="The terms of a query's softmax (loss.info_nce): qd, the documents "
+                         "(always); dq, its positive against the other queries; qq, the queries; "
+                         "dd, its positive against the other documents.")
+parser.add_argument("--hardness", type=cli.nonnegative, default=0.0,
+                    help="Weight each negative by exp(HARDNESS x its cosine): the harder, the "
+                         "heavier (EmbeddingGemma: 5; 0: off).")
 parser.add_argument("--loss", default="auto", choices=["auto", "reference", "fused"],
                     help="InfoNCE as loss.info_nce (reference) or tile by tile (fused_loss.py); "
                          "auto: fused where a GPU's logit matrix would exceed 16M entries.")
@@ -118,9 +123,11 @@ parser.add_argument("--teacher_temp", type=cli.rate,
 parser.add_argument("--batch_size", type=cli.positive, default=32,
                     help="Queries a step, over all processes.")
 parser.add_argument("--chunk_size", type=cli.count,
-                    help="Texts a forward pass with gradient caching (grad_cache.py; 0: off, the "
-                         "whole batch in one graph): the same gradient at a chunk's memory. "
-                         "Default: 32 on a CPU; on a GPU sized from the model and the length.")
+                    help="Texts a forward pass with gradient caching (grad_cache.py; 0: off): the "
+                         "same gradient at a chunk's memory. Default: 32 on a CPU, sized on a GPU.")
+parser.add_argument("--chunk_tokens", type=cli.positive,
+                    help="Cut the gradient cache's chunks by a budget of tokens instead: a chunk's "
+                         "longest text x its count at most this (long texts in small chunks).")
 parser.add_argument("--lr", type=cli.rate, default=1e-4,
                     help="The peak learning rate of AdamW (chosen on the dev splits).")
 parser.add_argument("--weight_decay", type=cli.nonnegative, default=0.01,
@@ -134,9 +141,8 @@ parser.add_argument("--max_steps", type=cli.count, default=0,
                     help="Stop after this many steps (0: after all epochs).")
 # hard negatives mined again while training
 parser.add_argument("--remine_every", type=cli.count, default=0,
-                    help="Every N steps (0: never), mine each query's hard negatives again with "
-                         "the weights of that step, from --dataset's corpus (ANCE-style); they are "
-                         "used from two steps on (the next batch is already made).")
+                    help="Every N steps (0: never), mine each query's negatives again with the "
+                         "weights of that step from --dataset's corpus (ANCE), used two steps on.")
 parser.add_argument("--remine_range", type=cli.int_range, default="10-100",
                     help="With --remine_every: the rank window to sample negatives from.")
 parser.add_argument("--remine_num_neg", type=cli.positive, default=7,
@@ -170,9 +176,12 @@ parser.add_argument("--overwrite", action="store_true",
                     help="Start afresh in an --out_dir holding a run of train.py: that run's files "
                          "(only those) go before the first step.")
 
-# What train.py writes in --out_dir (its record there says so: cli.Claim); the rest is the user's.
-OUT_FILES = ("model", "best", "train_state.pt", "log.jsonl", "examples.jsonl", "train.png",
-             "remined")
+def out_files(args, eval_set):
+    """What this run writes in --out_dir (its record there says so: cli.Claim); the rest is the
+    user's, a name it does not write included."""
+    names = ["model", "train_state.pt", "log.jsonl", "train.png"]
+    optional = {"best": eval_set, "examples.jsonl": args.example_log, "remined": args.remine_every}
+    return names + [name for name, written in optional.items() if written]
 
 @dataclasses.dataclass
 class Setup:
@@ -183,12 +192,6 @@ class Setup:
     data_hash: str  # a fingerprint of the train data
     lora_rank: int = 0  # --lora_rank, or FlagEmbedding's 64 for a decoder
     normalize: bool = True  # the model's: Matryoshka prefixes are re-normalised as the whole is
-
-@dataclasses.dataclass
-class TrainData:  # what load_data gives
-    examples: list  # every source's examples, one source after the other
-    sources: list  # [(file, number of examples, in-batch negatives)], one a file
-    use_ids: bool  # every example has ids: the false-negative mask compares ids, else texts
 
 def check_flags(args, world):
     """The checks of flags that need no data, each a one-line error before any work."""
@@ -202,6 +205,12 @@ def check_flags(args, world):
     if args.remine_every and args.distill:  # the teacher's scores are of the negatives it scored
         raise cli.InputError("--remine_every replaces the negatives that --distill's scores are "
                              "of; use one or the other")
+    if "qd" not in args.directions:
+        raise cli.InputError("--directions: qd (query against the documents) is always in")
+    if args.loss == "fused" and (args.directions != ["qd"] or args.hardness):
+        raise cli.InputError("--loss fused computes --directions qd without --hardness only")
+    if args.chunk_tokens and args.chunk_size is not None:
+        raise cli.InputError("--chunk_tokens and --chunk_size both cut the batch: give one")
     if args.overwrite and args.resume:
         raise cli.InputError("--overwrite starts afresh, --resume continues: give one of them")
     if not args.remine_every:
@@ -214,21 +223,17 @@ def check_flags(args, world):
 # --------------------------------------------------------------------------------------------- data
 
 def load_data(args):
-    """The train examples, every source's after the other, checked against the flags before the
-    model loads -> (TrainData, the group size: --group_size, or chosen from the data)."""
-    if args.train_data:
-        sources = data.train_sources(args.train_data)
-        parts = [data.read_train_jsonl(path) for path, _ in sources]
-    else:
-        sources = [(args.dataset, True)]
-        parts = [data.examples_from_qrels(*data.load_dataset(args.dataset, args.split))]
-    if len(sources) == 1:
+    """The train examples, checked against the flags before the model loads -> (data.TrainData, the
+    group size: --group_size, or chosen from the data)."""
+    train_data, group_size = data.load_train(args.train_data, args.dataset, args.split,
+                                             args.group_size, args.batch_size, args.distill)
+    if len(train_data.sources) == 1:
         cli.no_effect(args, parser, ("mix",), "with one train file")
-    group_size = data.check_groups(sources, parts, args.group_size, args.batch_size, args.distill)
-    examples = [ex for part in parts for ex in part]
-    use_ids = all("pos_ids" in ex and ("neg_ids" in ex or not ex["neg"]) for ex in examples)
-    counted = [(name, len(part), in_batch) for (name, in_batch), part in zip(sources, parts)]
-    return TrainData(examples, counted, use_ids), group_size
+    if not any(in_batch for _, _, in_batch in train_data.sources):  # own groups: nothing masked
+        cli.no_effect(args, parser, ("mask_false_negatives", "false_negative_margin", "directions",
+                                     "hardness"),
+                      f"when every file is {data.NO_IN_BATCH_NEG} (a query sees its group alone)")
+    return train_data, group_size
 
 # --------------------------------------------------------------------------------------------- loss
 
@@ -242,9 +247,10 @@ def compute_loss(q, d, batch, args, setup):
     keys = ()
     if args.mask_false_negatives:
         keys = (batch["d_keys"].to(q.device), batch["q_pos_keys"].to(q.device))
-    contrastive = info_nce
+    contrastive = functools.partial(info_nce, directions=args.directions, hardness=args.hardness)
     big = q.is_cuda and len(q) * len(d_all) > 2 ** 24  # this rank's logits: more than 16M entries
-    if args.loss == "fused" or (args.loss == "auto" and big):
+    plain = args.directions == ["qd"] and not args.hardness  # what the fused loss computes
+    if args.loss == "fused" or (args.loss == "auto" and big and plain):
         contrastive = fused_info_nce
     loss = 0.0
     for dim in args.mrl_dims or [None]:  # None: the whole embedding
@@ -264,14 +270,14 @@ def compute_loss(q, d, batch, args, setup):
 
 # ----------------------------------------------------------------------------------------- one step
 
-def train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device):
+def train_step(model, batch, loss_fn, chunking, ctx, scaler, device):
     """Forward and backward of one batch: the parameters' gradients accumulate in .grad
     -> (loss, q, d, replay_err). Plain autograd through the whole batch, whose memory grows with it;
-    with chunk_size, gradient caching (grad_cache.py) computes the same gradient at the memory of
-    chunk_size texts."""
+    with chunking, gradient caching (grad_cache.py) computes the same gradient at the memory of one
+    chunk of texts."""
     try:
-        if chunk_size:
-            return grad_cache.step(model, batch, loss_fn, chunk_size, ctx, scaler, device)
+        if chunking:
+            return grad_cache.step(model, batch, loss_fn, chunking, ctx, scaler, device)
         with ctx:
             q = model(batch["q"], "query")  # (b, D)
             d = model(batch["d"], "doc")  # (b * G, D)
@@ -279,9 +285,9 @@ def train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device):
         scaler.scale(loss).backward()
         return loss.detach(), q.detach(), d.detach(), 0.0
     except torch.OutOfMemoryError:
-        raise cli.InputError(f"out of memory at step {batch['step'] + 1}: lower --chunk_size (now "
-                             f"{chunk_size}; memory grows with it, not with --batch_size) or "
-                             f"--passage_max_len") from None
+        raise cli.InputError(f"out of memory at step {batch['step'] + 1}: lower --chunk_size or "
+                             f"--chunk_tokens (now {chunking}; memory grows with a chunk, not with "
+                             f"--batch_size) or --passage_max_len") from None
 
 # ---------------------------------------------------------------------------------------- optimiser
 
@@ -317,7 +323,7 @@ def load_model(args, device, dtype, world):
                          args.compile, args.attention_dropout, pooling=args.pooling,
                          query_prefix=args.query_prefix, doc_prefix=args.doc_prefix,
                          query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
-                         separate_towers=args.separate_towers or None)
+                         separate_towers=args.separate_towers or None, pool_prompt=args.pool_prompt)
     if args.query_max_len is None:  # the recipes' 64 tokens for the text, after its instruction
         instruction = model.prompt_length(model.settings["query_prefix"])
         model.settings["query_max_len"] = min(64 + instruction, model.settings["query_max_len"])
@@ -337,16 +343,6 @@ def make_setup(args, group_size, train_data, model):
     return Setup(group_size, margin, data.fingerprint(train_data.examples), model.lora_rank,
                  model.settings["normalize"])
 
-def make_remining(args, train_data):
-    """--remine_every: the negatives mined again while training, from --dataset's corpus (off: the
-    train data's negatives throughout)."""
-    corpus = None
-    if args.remine_every:
-        corpus = corpus_for_remining(args.dataset, args.split, train_data.examples,
-                                     train_data.use_ids)
-    return Remining(train_data.examples, corpus, args.out_dir, args.remine_every,
-                    args.remine_range, args.remine_num_neg, args.remine_margin, args.seed)
-
 def main(args):
     device, rank, world = cli.setup_device(args.device)
     check_flags(args, world)
@@ -359,17 +355,19 @@ def main(args):
     steps_per_epoch = len(sampler.batch_plan(sizes, args.batch_size, args.seed, 0,
                                              args.mix == "uniform"))
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    remining = make_remining(args, train_data)  # the negatives mined again (--remine_every)
-    # --out_dir: train.py's files there (OUT_FILES), held until main returns; nothing else touched
-    out = cli.claim(args.out_dir, "train.py", OUT_FILES, rank, world)
+    # --remine_every: the negatives mined again while training, from --dataset's corpus
+    remining = Remining(train_data, args.dataset, args.split, args.out_dir, args.remine_every,
+                        args.remine_range, args.remine_num_neg, args.remine_margin, args.seed)
+    # --out_dir: train.py's files there, held until main returns; nothing else touched
+    out = cli.claim(args.out_dir, "train.py", out_files(args, eval_set), rank, world)
     if rank == 0:
-        checkpoint.check_fresh(out, args)
+        checkpoint.check_fresh(out, args, out_files(args, eval_set))
 
     # the model, its optimiser and precision; dropout differs between ranks, as across one batch
     torch.manual_seed(args.seed + rank)
     model = load_model(args, device, dtype, world)
     setup = make_setup(args, group_size, train_data, model)
-    chunk_size = grad_cache.chunk_size(args.chunk_size, model, device)
+    chunking = grad_cache.chunking(args.chunk_size, args.chunk_tokens, model, device)
     optimizer, scheduler = make_optimizer(model, args, total_steps, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")  # fp16 needs loss scaling
     # the arithmetic in dtype (autocast); the weights and the optimiser's state stay float32
@@ -383,8 +381,9 @@ def main(args):
     remining.resume(start, rank)
     if rank == 0:
         print(f"{len(train_data.examples)} queries | group {group_size} | batch {args.batch_size} "
-              f"over {world} process(es) | {args.batch_size * group_size - 1} negatives a query | "
-              f"{run_log.trainable(model)} | chunk {chunk_size or 'off'} | {dtype} on {device} | "
+              f"over {world} process(es) | {train_data.negatives(args.batch_size, group_size)} "
+              f"negatives a query | "
+              f"{run_log.trainable(model)} | chunks {chunking} | {dtype} on {device} | "
               f"steps {start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
     stop = checkpoint.watch_signals()
     log, example_log = run_log.open_logs(args, start, rank)
@@ -399,7 +398,7 @@ def main(args):
 
         # forward and backward: the gradient of this rank's loss accumulates in .grad
         loss_fn = functools.partial(compute_loss, batch=batch, args=args, setup=setup)
-        loss, q, d, replay_err = train_step(model, batch, loss_fn, chunk_size, ctx, scaler, device)
+        loss, q, d, replay_err = train_step(model, batch, loss_fn, chunking, ctx, scaler, device)
 
         # gradients over ranks: averaged, once a step
         if world > 1:

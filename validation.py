@@ -27,7 +27,9 @@ def load_eval_set(args):
     if ref in (None, "none"):
         given = [flag for flag, value in (("--eval_queries", args.eval_queries),
                                           ("--eval_every", args.eval_every),
-                                          ("--eval_split", args.eval_split)) if value]
+                                          ("--eval_split", args.eval_split),
+                                          ("--eval_metric", args.eval_metric != "ndcg@10"))
+                 if value]
         if given:
             raise cli.InputError(f"{given[0]} without an evaluation set: give --eval_dataset too")
         return None

@@ -1,4 +1,4 @@
-"""faiss indexes against exact search on one encoding (docs/speed.md): for each index, evaluate.py
+"""faiss indexes against exact search on one encoding (docs/results.md): for each index, evaluate.py
 --emb --index's wall time and peak RSS (a fresh process each), nDCG@10 and Recall@100, and the share
 of exact search's top 10 it finds.
 

@@ -1,5 +1,5 @@
 """Peak memory and speed of encode.py and evaluate.py against the size of the corpus
-(docs/speed.md).
+(docs/results.md).
 
     python experiments/scale.py 50000 400000 2000000      # synthetic corpora of these sizes
     python experiments/scale.py 2000000 --keep runs/scale  # keep the corpus and its encoding

@@ -2,7 +2,7 @@
 # SciFact from the bundled all-MiniLM-L6-v2: carve a dev split from train, mine hard negatives, fine-tune,
 # evaluate on dev (for choosing settings) and once on test.
 #   OUT=runs/scifact PYTHON=python bash experiments/scifact.sh
-# The rows of docs/quality.md's lever table are this script with other settings (env; LR=3e-5 but the last):
+# The rows of docs/results.md's lever table are this script with other settings (env; LR=3e-5 but the last):
 #   GROUP=1 MASK=0 ...            in-batch negatives only (the mined negatives are not used)
 #   MARGIN=0 MASK=0 ...           + mined hard negatives (ranks 10-100)
 #   MASK=0 ...                    + positive-aware margin (0.95 x the lowest positive score)

@@ -29,15 +29,18 @@ def train16(tmp_path_factory):
     return make_train_file(tmp_path_factory.mktemp("d") / "train.jsonl", n=40, num_neg=3)
 
 
-@pytest.mark.parametrize("chunk", [4, 0])
-def test_two_processes_equal_one(tiny_model_nodropout, train16, tmp_path, chunk):
+@pytest.mark.parametrize("chunk, extra", [
+    (4, ()), (0, ()), (4, ("--directions", "qd", "dq", "qq", "dd", "--hardness", "5"))])
+def test_two_processes_equal_one(tiny_model_nodropout, train16, tmp_path, chunk, extra):
+    """Every rank's documents (and, for dq and qq, queries) are gathered: two processes give the
+    step of one."""
     common = ["--model", tiny_model_nodropout, "--train_data", train16, "--batch_size", 16,
               "--group_size", 2, "--max_steps", 2, "--lr", "1e-3", "--warmup", 0, "--dtype", "fp32",
-              "--device", "cpu", "--temp", "0.05", "--chunk_size", chunk]
+              "--device", "cpu", "--temp", "0.05", "--chunk_size", chunk, *extra]
     torchrun("train.py", *common, "--out_dir", tmp_path / "two")
     two = torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)
     one, log_one = run(tiny_model_nodropout, train16, tmp_path / "one", "--batch_size", 16,
-                       "--chunk_size", chunk)
+                       "--chunk_size", chunk, *extra)
     with open(tmp_path / "two" / "log.jsonl") as f:
         log_two = [json.loads(line) for line in f]
     start = start_weights(tiny_model_nodropout)

@@ -60,6 +60,9 @@ def test_a_claim_touches_only_what_its_record_names(tmp_path):
     goes, and a folder moved aside by a swap that never finished comes back."""
     users_files(tmp_path)
     held = cli.claim(tmp_path, "train.py", ["model", "log.jsonl"])
+    assert json.loads((tmp_path / cli.RECORD).read_text())["files"] == {}  # nothing written yet
+    cli.note_written(tmp_path / "model" / "config.json")  # as every writer does first
+    cli.note_written(tmp_path / "log.jsonl")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w").write_text("old weights")
     record = json.loads((tmp_path / cli.RECORD).read_text())
@@ -211,3 +214,71 @@ def test_merge_and_mine_leave_other_folders_alone(tmp_path, tiny_model, train_fi
             "--num_neg", 2, "--device", "cpu", "--out", folder / "out.jsonl")
     assert sorted(p.name for p in folder.iterdir()) == ["out.jsonl", "out.jsonl.emb"]
     assert (folder / "out.jsonl.emb" / "x").read_text() == "kept"
+
+
+def test_a_name_never_written_stays_the_users(tmp_path, tiny_model, train_file):
+    """A name enters the record when the script first writes it: examples.jsonl a user puts into a
+    run's folder (the run never wrote one) is neither removed by --overwrite nor taken for a log."""
+    out = tmp_path / "o"
+    main_of(train, *train_flags(tiny_model, train_file, out))
+    (out / "examples.jsonl").write_text("the user's notes\n")
+    main_of(train, *train_flags(tiny_model, train_file, out, "--overwrite"))
+    assert (out / "examples.jsonl").read_text() == "the user's notes\n"
+    with pytest.raises(cli.InputError, match="examples.jsonl is there, and train.py did not"):
+        main_of(train, *train_flags(tiny_model, train_file, out, "--overwrite", "--example_log"))
+
+
+def test_a_model_inside_the_run_it_replaces_is_refused(tmp_path, tiny_model, train_file):
+    out = tmp_path / "o"
+    main_of(train, *train_flags(tiny_model, train_file, out))
+    with pytest.raises(cli.InputError, match="inside --out_dir's model, which this run replaces"):
+        main_of(train, *train_flags(str(out / "model"), train_file, out, "--overwrite"))
+
+
+def test_other_programs_files_in_a_claimed_folder(tmp_path, tiny_model):
+    """A user's own .lock stays; a foreign .written_by.json is refused with nothing left behind."""
+    folder = scifact_subset(str(tmp_path / "sf"), n_queries=4, n_docs=20)
+    flags = ["--model", tiny_model, "--dataset", folder, "--split", "test", "--device", "cpu"]
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / ".lock").write_text("a user's lock file")
+    main_of(encode, *flags, "--out", out)
+    assert (out / ".lock").read_text() == "a user's lock file"
+    foreign = tmp_path / "f"
+    foreign.mkdir()
+    (foreign / cli.RECORD).write_text('{"a": 1}')
+    says = one_line_error(["encode.py", *flags, "--out", foreign])
+    assert "not a record this project wrote" in says
+    assert sorted(p.name for p in foreign.iterdir()) == [cli.RECORD]
+
+
+def test_shards_without_their_meta_are_not_reused(tmp_path, tiny_model):
+    folder = scifact_subset(str(tmp_path / "sf"), n_queries=4, n_docs=20)
+    flags = ["--model", tiny_model, "--dataset", folder, "--split", "test", "--device", "cpu",
+             "--out", tmp_path / "e"]
+    main_of(encode, *flags)
+    os.remove(tmp_path / "e" / "meta.json")
+    with pytest.raises(cli.InputError, match="no meta.json that says what made it"):
+        main_of(encode, *flags)
+
+
+def test_merge_refuses_a_folder_with_more_than_it_wrote_and_follows_a_link(tmp_path, tiny_model):
+    main_of(merge, "--models", tiny_model, tiny_model, "--out", tmp_path / "soup")
+    main_of(merge, "--models", tiny_model, tiny_model, "--out", tmp_path / "soup")  # its own: again
+    (tmp_path / "soup" / "NOTES.md").write_text("kept")
+    with pytest.raises(cli.InputError, match="holds NOTES.md, which merge.py did not write"):
+        main_of(merge, "--models", tiny_model, tiny_model, "--out", tmp_path / "soup")
+    os.remove(tmp_path / "soup" / "NOTES.md")
+    os.symlink(tmp_path / "soup", tmp_path / "link")
+    main_of(merge, "--models", tiny_model, tiny_model, "--out", tmp_path / "link")
+    assert os.path.islink(tmp_path / "link") and (tmp_path / "link" / "model.safetensors").exists()
+    assert not os.path.exists(tmp_path / "link.old") and not os.path.exists(tmp_path / "soup.old")
+
+
+def test_mine_never_replaces_a_file_of_its_dataset(tmp_path, tiny_model):
+    folder = scifact_subset(str(tmp_path / "sf"), n_queries=4, n_docs=20)
+    corpus = open(os.path.join(folder, "corpus.jsonl")).read()
+    with pytest.raises(cli.InputError, match="is --dataset's corpus.jsonl"):
+        main_of(mine, "--model", tiny_model, "--dataset", folder, "--split", "test",
+                "--out", os.path.join(folder, "corpus.jsonl"))
+    assert open(os.path.join(folder, "corpus.jsonl")).read() == corpus

@@ -55,6 +55,7 @@ def subset(tmp_path_factory):
     ({"_id": "d1", "title": ["a", "b"], "text": "x"}, "'title' must be a string, not [\"a\""),
     ({"_id": "d1", "text": "half an emoji \ud83d"}, "valid Unicode (it holds a lone surrogate"),
     ({"_id": "d1", "text": "\u200b\ufeff \u00a0"}, "only spaces and invisible characters"),
+    ({"_id": "d1", "title": "", "text": "\ufe0f\u034f\u3164"}, "only spaces and invisible"),
 ])
 def test_every_corpus_text_is_checked_when_read(tmp_path, row, says):
     folder = tmp_path / "b"
@@ -102,6 +103,8 @@ def test_an_encoding_of_other_queries_or_dimensions_is_refused(tmp_path, tiny_mo
     (["--index", "IVF4096,Flat"], "4096 clusters for 40 documents"),
     (["--index", "Bogus12"], "faiss refused it (could not parse index string Bogus12)"),
     (["--index", "PQ8"], "256 centroids a PQ part for 40 documents"),
+    (["--index", "HNSW32,PQ8"], "faiss refused it (Number of training points (40)"),
+    (["--index", "IDMap,Flat"], "faiss refused it (add does not make sense"),
     (["--index", "HNSW32", "--nprobe", "4"], "--nprobe 4: the index 'HNSW32' has no such setting"),
     (["--nprobe", "4"], "--nprobe has no effect without --index"),
     (["--ef_search", "4"], "--ef_search has no effect without --index"),
@@ -135,18 +138,22 @@ def test_an_index_faiss_would_refuse_is_refused_before_encoding(tmp_path, tiny_m
     ("mine", ["--train_data", "{train}", "--queries", "{tmp}/ids", "--out", "{tmp}/m.jsonl"],
      "--queries has no effect with --train_data"),
     ("evaluate", ["--emb", "{tmp}", "--dtype", "bf16"], "--dtype has no effect with --emb"),
+    ("evaluate", ["--compare", "{tmp}/a", "{tmp}/b", "--out", "{tmp}/c"],
+     "--out has no effect with --compare"),
+    ("train", ["--train_data", "{train}", "--eval_metric", "map"],
+     "--eval_metric without an evaluation set"),
 ])
 def test_a_flag_without_effect_is_an_error(tmp_path, tiny_model, train_file, subset, script,
                                            flags, says):
     module = {"train": train, "mine": mine, "evaluate": evaluate}[script]
     flags = [f.format(train=train_file, subset=subset, tmp=tmp_path) for f in flags]
-    extra = ["--model", tiny_model]  # evaluate.py --emb takes none: the encoding's model made it
+    extra = ["--model", tiny_model, "--device", "cpu"]
     if script == "train":
         extra += ["--out_dir", tmp_path / "o", "--batch_size", 8]
-    elif script == "evaluate":
+    elif script == "evaluate":  # --emb and --compare take none of these
         extra = []
     with pytest.raises(cli.InputError, match=says):
-        main_of(module, "--device", "cpu", *flags, *extra)
+        main_of(module, *flags, *extra)
 
 
 def test_the_lora_rank_a_bert_gets_by_default_is_none(tmp_path, tiny_model, train_file):
@@ -235,3 +242,44 @@ def test_flagembedding_train_data_means_what_it_means_there(tmp_path, tiny_model
     log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert {os.path.basename(r["source"]) for r in log} == {"a.jsonl", "b.json", "train.jsonl"}
     assert all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_flagembedding_s_no_in_batch_neg_is_a_suffix(tmp_path, tiny_model, train_file):
+    """As FlagEmbedding reads it: a file whose name ends with no_in_batch_neg before its extension,
+    or a folder whose name ends with it; the switch then leaves the false-negative flags without
+    effect."""
+    for name in ("nli_no_in_batch_neg.jsonl", "x-no_in_batch_neg-v2.jsonl", "plain.jsonl"):
+        (tmp_path / name).write_text(open(train_file).read())
+    sources = data.train_sources([str(tmp_path / n) for n in ("nli_no_in_batch_neg.jsonl",
+                                                              "x-no_in_batch_neg-v2.jsonl")])
+    assert [in_batch for _, in_batch in sources] == [False, True]
+    with pytest.raises(cli.InputError, match="--false_negative_margin has no effect when every"):
+        main_of(train, "--model", tiny_model, "--group_size", 2, "--batch_size", 8,
+                "--train_data", tmp_path / "nli_no_in_batch_neg.jsonl",
+                "--false_negative_margin", "0.3", "--out_dir", tmp_path / "o")
+    os.link(tmp_path / "plain.jsonl", tmp_path / "hardlink.jsonl")
+    with pytest.raises(cli.InputError, match="names .* twice"):
+        data.train_sources([str(tmp_path / "plain.jsonl"), str(tmp_path / "hardlink.jsonl")])
+
+
+def test_a_sentence_transformers_save_over_our_checkpoint_is_refused(tmp_path, tiny_model):
+    """Our checkpoint saved again by sentence-transformers with another prompt: its files and our
+    biencoder.json disagree, and neither is taken over the other in silence."""
+    from sentence_transformers import SentenceTransformer
+    BiEncoder(tiny_model).save(str(tmp_path / "ours"))
+    st = SentenceTransformer(str(tmp_path / "ours"), device="cpu")
+    st.prompts["query"] = "query: "
+    st.save(str(tmp_path / "ours"))
+    with pytest.raises(cli.InputError, match="biencoder.json says query_prefix ''"):
+        BiEncoder(str(tmp_path / "ours"))
+
+
+def test_a_dataset_that_is_a_file_and_a_resume_by_another_spelling(tmp_path, tiny_model,
+                                                                   train_file):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(cli.InputError, match="a_file: a file, not a BEIR folder"):
+        data.load_dataset(str(tmp_path / "a_file"), "test")
+    flags = ["--train_data", train_file, "--batch_size", 8, "--group_size", 2, "--max_steps", 2,
+             "--device", "cpu", "--out_dir", tmp_path / "o"]
+    main_of(train, "--model", tiny_model, *flags)
+    main_of(train, "--model", tiny_model + "/", *flags, "--resume")  # the same model folder

@@ -172,6 +172,7 @@ def test_a_router_of_one_transformer_a_kind_gives_its_vectors(bert, tmp_path):
     ("task", "transformer_task 'text-generation'"),
     ("similarity", "similarity_fn_name 'manhattan'"),
     ("router", "routes"),
+    ("no pooling config", "a Pooling module without its config.json"),
 ])
 def test_what_we_cannot_run_is_a_one_line_error(bert, tmp_path, case, says):
     """A module, mode or option that would change the vectors and that we cannot run is refused,
@@ -194,6 +195,8 @@ def test_what_we_cannot_run_is_a_one_line_error(bert, tmp_path, case, says):
     elif case == "similarity":
         edit_json(os.path.join(folder, "config_sentence_transformers.json"),
                   lambda config: {**config, "similarity_fn_name": "manhattan"})
+    elif case == "no pooling config":
+        os.remove(os.path.join(folder, "1_Pooling", "config.json"))
     elif case == "router":
         shutil.rmtree(folder)
         BiEncoder(bert, separate_towers=True, query_max_len=64, passage_max_len=64).save(folder)

@@ -92,7 +92,7 @@ def test_the_default_margin_is_twice_the_temperature(flags, margin):
     args = train.parser.parse_args(list(flags))
     typed = dict(vars(args))
     model = NS(lora_rank=0, settings={"normalize": True})
-    setup = train.make_setup(args, 1, train.TrainData([], [], True), model)
+    setup = train.make_setup(args, 1, data.TrainData([], [], True), model)
     assert setup.margin == pytest.approx(margin)
     assert vars(args) == typed  # args is left as typed
 
@@ -153,7 +153,7 @@ def test_cached_gradient_equals_full_batch_with_pass1_masks(tiny_model):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     rng = torch.get_rng_state()
-    train.train_step(model, {"q": q_tok, "d": d_tok}, loss_fn, 3, ctx, scaler, dev)
+    train.train_step(model, {"q": q_tok, "d": d_tok}, loss_fn, ("texts", 3), ctx, scaler, dev)
     # the pooler, e.g., gets no gradient
     used = [p for p in model.parameters() if p.grad is not None]
     cached = [p.grad.clone() for p in used]
@@ -164,13 +164,13 @@ def test_cached_gradient_equals_full_batch_with_pass1_masks(tiny_model):
     torch.set_rng_state(rng)
     embs = []
     for tok, kind in ((q_tok, "query"), (d_tok, "doc")):
-        _, (chunks, order, states) = grad_cache.embed(model, tok, kind, 3, ctx, dev)
+        _, (chunks, rows, states) = grad_cache.embed(model, tok, kind, ("texts", 3), ctx, dev)
         parts = []
         for chunk, state in zip(chunks, states):
             grad_cache.set_rng_state(state, dev)
             parts.append(model(chunk, kind))
-        emb = torch.empty(len(order), parts[0].shape[1])
-        emb = emb.index_put((order,), torch.cat(parts))
+        emb = torch.empty(sum(len(r) for r in rows), parts[0].shape[1])
+        emb = emb.index_put((torch.cat(rows),), torch.cat(parts))
         embs.append(emb)
     loss_fn(*embs).backward()
     full = [p.grad for p in used]
@@ -187,13 +187,22 @@ def test_chunks_are_length_sorted_and_trimmed():
     seen = []
 
     def stub(chunk, kind):
-        return (seen.append(tuple(chunk["input_ids"].shape)),
-                chunk["input_ids"][:, :1].float())[1]
+        seen.append(tuple(chunk["input_ids"].shape))
+        return chunk["input_ids"][:, :1].float()
 
-    emb, (chunks, order, _) = grad_cache.embed(stub, tokens, "doc", 2, contextlib.nullcontext(),
-                                               torch.device("cpu"))
-    assert order.tolist() == [1, 0, 2] and seen == [(2, 4), (1, 1)]
+    emb, (chunks, rows, _) = grad_cache.embed(stub, tokens, "doc", ("texts", 2),
+                                              contextlib.nullcontext(), torch.device("cpu"))
+    assert [r.tolist() for r in rows] == [[1, 0], [2]] and seen == [(2, 4), (1, 1)]
     assert emb.flatten().tolist() == [1, 1, 1]  # back in batch order
+
+
+def test_chunks_by_a_token_budget():
+    """--chunk_tokens: a chunk's longest text x its count within the budget, longest first; a
+    text longer than the budget alone."""
+    lengths = torch.tensor([3, 10, 2, 2, 5, 1, 12])
+    rows = grad_cache.chunks(lengths, ("tokens", 10))
+    assert [r.tolist() for r in rows] == [[6], [1], [4, 0], [2, 3, 5]]
+    assert all(len(r) * int(lengths[r].max()) <= 10 or len(r) == 1 for r in rows)
 
 
 def test_attention_dropout_flag(tiny_model, train_file, tmp_path):
@@ -244,7 +253,10 @@ def test_auto_chunk_follows_the_model_and_the_length():
                   settings={"passage_max_len": length})
 
     gpu = torch.device("cuda")
-    assert [grad_cache.chunk_size(None, model(*m), gpu)
-            for m in ((768, 12, 256), (1024, 24, 512), (384, 6, 256))] == [256, 48, 1024]
-    assert grad_cache.chunk_size(None, model(768, 12, 256), torch.device("cpu")) == 32
-    assert grad_cache.chunk_size(0, model(768, 12, 256), gpu) == 0  # --chunk_size as given
+    assert [grad_cache.chunking(None, None, model(*m), gpu)
+            for m in ((768, 12, 256), (1024, 24, 512), (384, 6, 256))] == [
+        ("texts", 256), ("texts", 48), ("texts", 1024)]
+    cpu = torch.device("cpu")
+    assert grad_cache.chunking(None, None, model(768, 12, 256), cpu) == ("texts", 32)
+    assert grad_cache.chunking(0, None, model(768, 12, 256), gpu) is None  # --chunk_size 0: off
+    assert grad_cache.chunking(None, 4096, model(768, 12, 256), gpu) == ("tokens", 4096)

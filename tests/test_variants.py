@@ -95,7 +95,7 @@ def test_matryoshka_loss_is_the_sum_of_each_prefix_s_infonce():
     d = F.normalize(torch.randn(12, 16), dim=-1)
     batch = {"offset": 0, "teacher": None, "in_batch": True}
     args = argparse.Namespace(mask_false_negatives=0, loss="reference", mrl_dims=[16, 8, 4],
-                              temp=0.05, distill=None)
+                              temp=0.05, distill=None, directions=["qd"], hardness=0.0)
     setup = train.Setup(group_size=2, margin=None, data_hash="", normalize=True)
     targets = torch.arange(6) * 2
 
