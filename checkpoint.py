@@ -117,13 +117,12 @@ def as_list(paths):
         return []
     return [paths] if isinstance(paths, str) else list(paths)
 
-def check_fresh(out, args, names):
+def check_fresh(out, args):
     """Before any work: a fresh run (no --resume) into an --out_dir that holds a run of train.py
     with a checkpoint is refused, unless --overwrite; so is a --model inside one of the names the
-    run writes there (names), which it would replace while reading it. out: the folder's
-    cli.Claim."""
+    run writes there, which it would replace while reading it. out: the folder's cli.Claim."""
     model = os.path.realpath(args.model)
-    for name in names:
+    for name in out.names:
         inside = os.path.realpath(os.path.join(args.out_dir, name))
         if model == inside or model.startswith(inside + os.sep):
             raise cli.InputError(f"--model {args.model} is inside --out_dir's {name}, which this "

@@ -300,14 +300,15 @@ class Claim:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot write {folder}: {e.strerror or e}") from None
-        self.lock = lock_folder(self.folder)
-        LIVE.add(self)
         if not self.record.get("temp"):  # a name nothing in the folder has yet
             name = ".partial"
             while os.path.lexists(os.path.join(self.folder, name)):
                 name = f".partial-{secrets.token_hex(4)}"
             self.record["temp"] = name
         self.temp = os.path.join(self.folder, self.record["temp"])
+        self.names = []  # the names this script may write here (own)
+        self.lock = lock_folder(self.folder)
+        LIVE.add(self)  # from here on, release() undoes what this claim did
         # the temporary folder's name in the record before it is made (the other ranks read it)
         write_json(os.path.join(self.folder, RECORD), self.record)
         self.tidy()
@@ -332,6 +333,7 @@ class Claim:
         its own (by the record), or this stops in one line, nothing changed. A name enters the
         record only when the script first writes it (note), so that a file a user puts under a
         name never written is never taken for the script's."""
+        self.names = list(names)
         for name in names:
             path = os.path.join(self.folder, name)
             owner = self.record["files"].get(name)

@@ -361,7 +361,7 @@ def main(args):
     # --out_dir: train.py's files there, held until main returns; nothing else touched
     out = cli.claim(args.out_dir, "train.py", out_files(args, eval_set), rank, world)
     if rank == 0:
-        checkpoint.check_fresh(out, args, out_files(args, eval_set))
+        checkpoint.check_fresh(out, args)
 
     # the model, its optimiser and precision; dropout differs between ranks, as across one batch
     torch.manual_seed(args.seed + rank)
@@ -382,9 +382,8 @@ def main(args):
     if rank == 0:
         print(f"{len(train_data.examples)} queries | group {group_size} | batch {args.batch_size} "
               f"over {world} process(es) | {train_data.negatives(args.batch_size, group_size)} "
-              f"negatives a query | "
-              f"{run_log.trainable(model)} | chunks {chunking} | {dtype} on {device} | "
-              f"steps {start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
+              f"negatives a query | {run_log.trainable(model)} | chunks {chunking} | {dtype} on "
+              f"{device} | steps {start + 1}..{total_steps} ({steps_per_epoch} an epoch)")
     stop = checkpoint.watch_signals()
     log, example_log = run_log.open_logs(args, start, rank)
     if eval_set and not start:
