@@ -75,6 +75,12 @@ def load(args, setup, total_steps, parts, device, rank, world):
                              f"{total_steps}; a resume may extend a run, not shorten it")
     for name, part in parts.items():
         part.load_state_dict(state[name])
+    # the learning rate of the resumed step as the schedule of this run's length gives it (the same
+    # unless the run is extended)
+    scheduler = parts["scheduler"]
+    for group, base, factor in zip(parts["optimizer"].param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
     # else (another number of processes) dropout goes on from this run's seed
     if len(state["rng"]) == world:
         set_rng_state(state["rng"][rank], device)

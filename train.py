@@ -410,7 +410,7 @@ def main(args):
         scaler.unscale_(optimizer)
         max_norm = args.max_grad_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        lr = scheduler.get_last_lr()[0]  # the learning rate this step uses
+        lr = optimizer.param_groups[0]["lr"]  # the learning rate this step uses
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

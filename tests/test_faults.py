@@ -315,3 +315,27 @@ def test_a_bert_without_tokenizer_in_a_script_is_one_line(tmp_path):
     last = one_line_error(["encode.py", "--model", path, "--dataset", beir(tmp_path / "b"),
                            "--split", "test", "--out", tmp_path / "e"])
     assert "no tokenizer files in it" in last
+
+
+def test_a_finished_run_extended_with_more_epochs(tiny_model, train_file, tmp_path):
+    """--resume with a larger --epochs continues a finished run: its new steps see the batches an
+    uninterrupted longer run sees at those steps, and their learning rate follows the longer
+    run's schedule from the resumed step on. A shorter run is refused."""
+    def flags(out, epochs):
+        return train_flags(tiny_model, train_file, out, "--max_steps", 0, "--epochs", epochs,
+                           "--example_log", "--warmup", 0)
+    main_of("train", *flags(tmp_path / "ext", 2))
+    main_of("train", *flags(tmp_path / "ext", 3), "--resume")
+    main_of("train", *flags(tmp_path / "long", 3))
+
+    def by_step(out, name):
+        with open(out / name) as f:
+            rows = [json.loads(line) for line in f]
+        return {s: [r for r in rows if r["step"] == s] for s in range(1, 7)}
+    ext = by_step(tmp_path / "ext", "examples.jsonl")
+    long = by_step(tmp_path / "long", "examples.jsonl")
+    assert all([r["qid"] for r in ext[s]] == [r["qid"] for r in long[s]] for s in (5, 6))
+    log = by_step(tmp_path / "ext", "log.jsonl")
+    assert [log[s][0]["lr"] for s in (5, 6)] == pytest.approx([1e-4 * 2 / 6, 1e-4 * 1 / 6])
+    with pytest.raises(cli.InputError, match="a resume may extend a run, not shorten it"):
+        main_of("train", *flags(tmp_path / "ext", 1), "--resume")
