@@ -17,6 +17,7 @@ import merge
 import mine
 import train
 from conftest import ROOT, scifact_subset
+from test_faults import one_line_error
 from test_train import make_train_file
 
 USERS = {"draft.tmp": "a user's draft", "notes.old": "a user's notes", "mined.7.jsonl": "{}\n",
@@ -144,13 +145,6 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one(tmp_path, tiny_model, train
     assert (out / "mine.txt").read_text() == "the user's"
 
 
-def one_line_error(args):
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    return p.stderr.strip().splitlines()[-1]
-
-
 def test_an_error_before_any_work_leaves_no_folder_and_no_lock(tmp_path, tiny_model, train_file):
     out = tmp_path / "a" / "b"
     says = one_line_error(["train.py", *train_flags(tiny_model, train_file, out, "--batch_size",
@@ -177,7 +171,8 @@ def test_train_killed_then_resumed_leaves_only_its_names(tmp_path, tiny_model, t
     p = subprocess.Popen([sys.executable, "train.py", *map(str, flags)], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().split()) < 3:
+    # after its second checkpoint: the third step's line is in the log
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
         assert p.poll() is None and time.time() < deadline, "the run ended before its third step"
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)

@@ -3,8 +3,6 @@ learn, FlagEmbedding's train data read as FlagEmbedding reads it: each a one-lin
 work, or a result checked correct."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,24 +16,15 @@ import mine
 import retrieval
 import sampler
 import train
-from conftest import ROOT, scifact_subset
+from conftest import scifact_subset
 from model import BiEncoder
 from test_errors import beir
+from test_faults import one_line_error
 from test_train import make_train_file
 
 
 def main_of(module, *flags):
     return module.main(module.parser.parse_args(list(map(str, flags))))
-
-
-def one_line_error(args):
-    """Run a script -> its last stderr line, which must be the only `error:` and no traceback."""
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and p.stderr.count("error: ") == 1, p.stderr[-2000:]
-    return last
 
 
 @pytest.fixture(scope="module")
