@@ -454,6 +454,14 @@ def whole(path, script):
     """Whether the folder path was written whole by script (its record inside says so)."""
     return read_record(path)["files"].get("*") == script
 
+def mark_whole(path, script, names=None):
+    """The record inside a folder script writes whole: "*" for every name, and the names it holds
+    once written (check_folder refuses what was added since)."""
+    record = {"files": {"*": script}, "temp": None}
+    if names is not None:
+        record["names"] = names
+    write_json(os.path.join(path, RECORD), record)
+
 def check_folder(path, script):
     """Before any work: the folder path, which script writes whole (write_folder), is new, empty or
     script's own with nothing added since, and so are PATH.tmp and PATH.old beside it if they are
@@ -486,11 +494,9 @@ def write_folder(path, script, write):
     shutil.rmtree(tmp, ignore_errors=True)
     with disk_full_is_an_error(tmp):
         # the record first: a kill while write() runs leaves a PATH.tmp known to be script's
-        write_json(os.path.join(tmp, RECORD), {"files": {"*": script}, "temp": None})
+        mark_whole(tmp, script)
         write(tmp)
-        names = sorted(set(os.listdir(tmp)) - {RECORD})
-        write_json(os.path.join(tmp, RECORD), {"files": {"*": script}, "temp": None,
-                                              "names": names})
+        mark_whole(tmp, script, sorted(set(os.listdir(tmp)) - {RECORD}))
     if os.path.isdir(path):
         os.rename(path, old)
     os.rename(tmp, path)

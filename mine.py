@@ -114,7 +114,7 @@ def encoding_folder(args, rank, world):
             raise cli.InputError(f"{folder} is there, and mine.py did not write it; move it away, "
                                  f"or give another --out")
         shutil.rmtree(folder, ignore_errors=True)
-        cli.write_json(os.path.join(folder, cli.RECORD), {"files": {"*": "mine.py"}, "temp": None})
+        cli.mark_whole(folder, "mine.py")
     if world > 1:
         torch.distributed.barrier()
     return folder

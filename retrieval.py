@@ -57,6 +57,7 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
     of a killed encoding resumes and gives the files of an uninterrupted run. meta (the settings)
     must match the folder's meta.json, if it has one. -> the shards' names."""
     ids = list(corpus)
+    names = shard_names(len(ids), shard_size)
     path = os.path.join(folder, "meta.json")
     meta = {**meta, "count": len(ids), "shard_size": shard_size, "store": store,
             "documents": texts_fingerprint(corpus)}
@@ -69,13 +70,11 @@ def encode_corpus(model, corpus, folder, meta, shard_size, store="fp16", batch_s
             raise InputError(f"{path}: this folder holds an encoding {what}; its vectors are not "
                              f"those of this run: give another folder, or delete this one")
     elif rank == 0:
-        names = shard_names(len(ids), shard_size)
         orphans = [n for n in files(names) if os.path.isfile(os.path.join(folder, n))]
         if orphans:  # shards whose meta.json is gone: nothing says what made them
             raise InputError(f"{folder}: {orphans[0]} and no meta.json that says what made it; "
                              f"delete the folder's corpus.* files, or give another folder")
         cli.write_json(path, meta)  # before any shard: a rerun can tell whose shards these are
-    names = shard_names(len(ids), shard_size)
     if rank == 0:  # every rank's shards are the script's, in the folder's record (cli.Claim)
         for name in files(names):
             cli.note_written(os.path.join(folder, name))
