@@ -2,6 +2,7 @@ r"""The course's lesson on many processes (docs/course.md): the same steps of tr
 and in two (torchrun, gloo on the CPU), compared step by step.
 
     python experiments/course_dist.py --seed 0  # -> runs/course/dist_s0/{one,two}
+    python experiments/course_dist.py --seed 0 --out runs/course/my_change_s0  # after editing train.py
 
 Both runs start from all-MiniLM-L6-v2 with its dropout set to 0 (a copy in runs/course/minilm_p0):
 with dropout on, each process would draw its own masks and the two runs differ by that noise alone.
@@ -29,6 +30,7 @@ parser.add_argument("--steps", type=int, default=3, help="Steps of each run.")
 parser.add_argument("--course", default=os.environ.get("COURSE", "runs/course"),
                     help="The course's folder (experiments/course_data.py's parent).")
 parser.add_argument("--model", default=cli.default_model(), help="The model to start from.")
+parser.add_argument("--out", help="Where the two runs go. Default: COURSE/dist_sSEED.")
 
 def without_dropout(model, out):
     """A copy of the Hugging Face folder model with every dropout probability 0."""
@@ -66,7 +68,7 @@ def main(args):
     model = os.path.join(args.course, "minilm_p0")
     if not os.path.isdir(model):
         without_dropout(args.model, model)
-    run = os.path.join(args.course, f"dist_s{args.seed}")
+    run = args.out or os.path.join(args.course, f"dist_s{args.seed}")
     log_one, one = train(1, model, os.path.join(run, "one"), args)
     log_two, two = train(2, model, os.path.join(run, "two"), args)
     print("step | loss, 1 process | loss, 2 processes | grad norm, 1 | grad norm, 2")
