@@ -1,8 +1,8 @@
-r"""The course's lesson on many processes (docs/course.md): the same steps of train.py in one process
-and in two (torchrun, gloo on the CPU), compared step by step.
+r"""The course's lesson on many processes (docs/course.md): the same steps of train.py in one
+process and in two (torchrun, gloo on the CPU), compared step by step.
 
     python experiments/course_dist.py --seed 0  # -> runs/course/dist_s0/{one,two}
-    python experiments/course_dist.py --seed 0 --out runs/course/my_change_s0  # after editing train.py
+    python experiments/course_dist.py --seed 0 --out runs/course/mine_s0  # after editing train.py
 
 Both runs start from all-MiniLM-L6-v2 with its dropout set to 0 (a copy in runs/course/minilm_p0):
 with dropout on, each process would draw its own masks and the two runs differ by that noise alone.
@@ -24,7 +24,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import cli  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--steps", type=int, default=3, help="Steps of each run.")
 parser.add_argument("--course", default=os.environ.get("COURSE", "runs/course"),
@@ -61,7 +62,9 @@ def train(processes, model, out, args):
     return log, weights
 
 def flat(state):
-    return torch.cat([v.flatten().double() for _, v in sorted(state.items()) if v.is_floating_point()])
+    """All floating-point weights of a state dict, in one float64 vector."""
+    tensors = [v for _, v in sorted(state.items()) if v.is_floating_point()]
+    return torch.cat([v.flatten().double() for v in tensors])
 
 def main(args):
     from model import BiEncoder
