@@ -4,7 +4,7 @@ process and in two (torchrun, gloo on the CPU), compared step by step.
     python experiments/course_dist.py --seed 0  # -> runs/course/dist_s0/{one,two}
     python experiments/course_dist.py --seed 0 --out runs/course/mine_s0  # after editing train.py
 
-Both runs start from all-MiniLM-L6-v2 with its dropout set to 0 (a copy in runs/course/minilm_p0):
+Both runs start from all-MiniLM-L6-v2 with its dropout set to 0 (a copy in RUN/model_p0):
 with dropout on, each process would draw its own masks and the two runs differ by that noise alone.
 Two processes each embed half of the batch; every process gathers the other's documents, so each
 query still sees the whole batch's 31 negatives, and the all-reduced gradient is the one process's.
@@ -36,10 +36,7 @@ parser.add_argument("--out", help="Where the two runs go. Default: COURSE/dist_s
 def without_dropout(model, out):
     """A copy of the Hugging Face folder model with every dropout probability 0."""
     def write(folder):
-        for name in os.listdir(model):
-            if os.path.isfile(os.path.join(model, name)):
-                shutil.copy(os.path.join(model, name), folder)
-        shutil.copytree(os.path.join(model, "1_Pooling"), os.path.join(folder, "1_Pooling"))
+        shutil.copytree(model, folder, dirs_exist_ok=True)
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
         config["hidden_dropout_prob"] = config["attention_probs_dropout_prob"] = 0.0
@@ -68,10 +65,9 @@ def flat(state):
 
 def main(args):
     from model import BiEncoder
-    model = os.path.join(args.course, "minilm_p0")
-    if not os.path.isdir(model):
-        without_dropout(args.model, model)
     run = args.out or os.path.join(args.course, f"dist_s{args.seed}")
+    model = os.path.join(run, "model_p0")
+    without_dropout(args.model, model)
     log_one, one = train(1, model, os.path.join(run, "one"), args)
     log_two, two = train(2, model, os.path.join(run, "two"), args)
     print("step | loss, 1 process | loss, 2 processes | grad norm, 1 | grad norm, 2")
