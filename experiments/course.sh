@@ -12,6 +12,8 @@ NAME=$1 SEED=$2
 shift 2
 [ -d "$COURSE/scifact" ] || $PYTHON experiments/course_data.py --out "$COURSE/scifact"
 RUN="$COURSE/${NAME}_s$SEED"
-$PYTHON train.py --dataset "$COURSE/scifact" --split train --passage_max_len 128 --epochs 1 --seed "$SEED" \
-    --log_every 5 --out_dir "$RUN" --overwrite "$@"
+DATA=(--dataset "$COURSE/scifact" --split train)
+[[ " $* " == *" --train_data "* ]] && DATA=()  # a mined file instead of the train qrels
+$PYTHON train.py "${DATA[@]}" --passage_max_len 128 --epochs 1 --seed "$SEED" --log_every 5 --out_dir "$RUN" \
+    --overwrite "$@"
 $PYTHON evaluate.py --model "$RUN/model" --dataset "$COURSE/scifact" --split test --out "$RUN/test"
