@@ -20,7 +20,9 @@ import data  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--out", default="runs/course/scifact", help="The BEIR folder to write.")
+COURSE = os.environ.get("COURSE", "runs/course")  # the course's folder, as experiments/course.sh
+parser.add_argument("--out", default=os.path.join(COURSE, "scifact"),
+                    help="The BEIR folder to write. Default: COURSE/scifact (COURSE: runs/course).")
 parser.add_argument("--docs", type=int, default=2000, help="Documents in the corpus.")
 
 def main(args):
