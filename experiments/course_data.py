@@ -3,7 +3,7 @@ scores a model in under a minute, the same for every student.
 
     python experiments/course_data.py  # -> runs/course/scifact (a BEIR folder: --split train/test)
 
-Its corpus holds every document that a train or test query names as relevant (1,233 of SciFact's
+Its corpus holds every document that a train or test query names as relevant (667 of SciFact's
 5,183), and random others (fixed by seed 0) up to --docs. The queries and qrels are SciFact's own:
 809 train queries, 300 test queries. Scores on it are higher than on the whole corpus (fewer
 documents to confuse), so compare them with each other, not with published figures.
