@@ -2,6 +2,9 @@
 gradient-cache chunks by a token budget, and pooling without the instruction. loss.info_nce is
 checked against the formula written out query by query, value and gradient."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,6 +106,21 @@ def test_chunks_by_tokens_equal_no_cache_and_replay_exactly(tiny_model, tiny_mod
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
     _, log = run(tiny_model, train_file, tmp_path / "c", "--chunk_tokens", 200, *flags)
     assert [row["replay_err"] for row in log] == [0.0, 0.0]
+
+
+def test_the_chunking_experiment_measures_every_setting(tiny_model, train_file, tmp_path):
+    """experiments/chunking.py (docs/results.md's chunking table): a row a setting, its runs
+    replayed exactly."""
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "chunking.py")
+    out = subprocess.run([sys.executable, script, "--train_data", train_file,
+                          "--out", tmp_path / "runs", "--steps", "2", "--reps", "2", "--settings",
+                          f"--chunk_size 4 --batch_size 8 --model {tiny_model}",
+                          f"--chunk_tokens 200 --batch_size 8 --model {tiny_model}"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| `--chunk")]
+    assert [row[0].split()[1:3] for row in rows] == [["`--chunk_size", "4"],
+                                                     ["`--chunk_tokens", "200"]]
+    assert all(float(row[1]) > 0 and row[4] == "0 |" for row in rows)
 
 
 def test_more_directions_and_hardness_change_the_training(tiny_model_nodropout, train_file,
