@@ -51,7 +51,6 @@ al. 2025) each negative term x becomes exp(x / τ + α · stopgrad(x)): the hard
 """
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 def targets_of(q, group_size, offset=0):
@@ -233,4 +232,24 @@ def gather(x):
     rows at [r*n, (r+1)*n). The identity in a single process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x))
+    return Gather.apply(x)
+
+class Gather(torch.autograd.Function):
+    """The gather and its backward, the reduce-scatter above: every rank holds a gradient for all
+    W * n gathered rows; rank r's rows get the sum of those over the ranks. (All-reduce, then
+    rank r's slice: the same sum, in a collective every backend has.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce sums in place
+        dist.all_reduce(grad)
+        n = len(grad) // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * n:(rank + 1) * n]

@@ -93,18 +93,19 @@ def _count_worker(rank, model, train_file, out_dir, chunk, port):
 @pytest.mark.parametrize("chunk", [2, 8])
 def test_one_gradient_all_reduce_a_step(tiny_model_nodropout, train16, tmp_path, chunk):
     """Each parameter's gradient is all-reduced once a step (in place, no copy), whatever the number
-    of chunks."""
+    of chunks; so is the gradient of the gathered documents (the gather's backward)."""
     import torch.multiprocessing as mp
     port = 29500 + chunk + os.getpid() % 1000
     mp.spawn(_count_worker, args=(tiny_model_nodropout, train16, str(tmp_path), chunk, port),
              nprocs=2)
-    sizes = sorted(p.numel()
-                   for p in __import__("model").BiEncoder(tiny_model_nodropout).parameters())
+    model = __import__("model").BiEncoder(tiny_model_nodropout)
+    sizes = sorted(p.numel() for p in model.parameters())
+    gathered = 16 * 2 * model.encoder.config.hidden_size  # the batch's documents x the width
     with open(tmp_path / "calls0.json") as f:
         calls = json.load(f)
-    # a step: each parameter's gradient, the logged means (loss and accuracy) and the stop flag;
-    # 8 chunks a step at chunk 2, 2 at chunk 8
-    step = sorted(sizes + [2, 1])
+    # a step: each parameter's gradient, the gathered documents' gradient, the logged means (loss
+    # and accuracy) and the stop flag; 8 chunks a step at chunk 2, 2 at chunk 8
+    step = sorted(sizes + [gathered, 2, 1])
     assert (len(calls) == 2 * len(step)
             and sorted(calls[:len(step)]) == step == sorted(calls[len(step):])), calls
 
