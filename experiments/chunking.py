@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = ["--group_size", "4", "--batch_size", "32", "--query_max_len", "64", "--separate_towers",
+RECIPE = ["--group_size", "4", "--batch_size", "32", "--separate_towers",
           "--dtype", "fp32", "--log_every", "1"]
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

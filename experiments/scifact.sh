@@ -15,6 +15,8 @@
 #   SOUP="0 1 2" ...              the model soup (merge.py) of this recipe's finished runs for seeds 0, 1, 2
 #   TOWERS=0 EXTRA="--remine_every 22 --dataset beir/scifact/train" TAG=remine22 ...   one tower, negatives re-mined
 #                                 after each epoch
+#   QUERY_PREFIX="Represent this sentence for searching relevant passages: " EXTRA="--pool_prompt 0" TAG=... an
+#                                 instruction before each query (saved with the model), left out of the pooling
 # FNM: train.py's --false_negative_margin, off as when the recipe was measured (train.py's default: auto,
 # 2 x TEMP).
 # DTYPE: the precision of mining, training and dev (fp32 by default: bf16 is the fast one only where the
@@ -26,7 +28,7 @@ OUT=${OUT:-runs/scifact}
 GROUP=${GROUP:-4} MARGIN=${MARGIN:-0.95} MASK=${MASK:-1} EPOCHS=${EPOCHS:-3} LR=${LR:-1e-4} TEMP=${TEMP:-0.05}
 ADROP=${ADROP:-0} SEED=${SEED:-0} EVAL_EVERY=${EVAL_EVERY:-} DISTILL=${DISTILL:-} TEACHER=${TEACHER:-}
 DTYPE=${DTYPE:-fp32} EXTRA=${EXTRA:-} TAG=${TAG:-}  # more train.py flags (e.g. EXTRA="--lora_rank 16" TAG=lora16)
-SOUP=${SOUP:-} FNM=${FNM:-off} TOWERS=${TOWERS:-1}
+SOUP=${SOUP:-} FNM=${FNM:-off} TOWERS=${TOWERS:-1} QUERY_PREFIX=${QUERY_PREFIX:-}
 RECIPE="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}"
 [ "$FNM" = off ] || RECIPE="${RECIPE}_fnm$FNM"
 if [ "$TOWERS" = 1 ]; then  # a query encoder and a document encoder, both starting from the model
@@ -79,8 +81,9 @@ else
     fi
     $PYTHON train.py --train_data "$TRAIN" --group_size "$GROUP" --batch_size 32 --chunk_size 32 --epochs "$EPOCHS" \
         --lr "$LR" --temp "$TEMP" --mask_false_negatives "$MASK" --false_negative_margin "$FNM" \
-        --attention_dropout "$ADROP" --seed "$SEED" --query_max_len 64 --dtype "$DTYPE" \
-        ${DISTILL:+--distill "$DISTILL"} --out_dir "$RUN/ft" --log_every 5 $EXTRA \
+        --attention_dropout "$ADROP" --seed "$SEED" --dtype "$DTYPE" \
+        ${DISTILL:+--distill "$DISTILL"} ${QUERY_PREFIX:+--query_prefix "$QUERY_PREFIX"} --out_dir "$RUN/ft" \
+        --log_every 5 $EXTRA \
         ${EVAL_EVERY:+--eval_dataset beir/scifact/train --eval_queries "$OUT/dev.ids" --eval_every "$EVAL_EVERY"}
 fi
 
