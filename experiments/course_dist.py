@@ -65,7 +65,12 @@ def flat(state):
 
 def main(args):
     from model import BiEncoder
-    run = args.out or os.path.join(args.course, f"dist_s{args.seed}")
+    args.course = os.path.abspath(args.course)  # the runs' cwd is the repository
+    run = os.path.abspath(args.out or os.path.join(args.course, f"dist_s{args.seed}"))
+    dataset = os.path.join(args.course, "scifact")
+    if not os.path.isdir(dataset):  # the course's SciFact, built as course.sh builds it
+        subprocess.run([sys.executable, "experiments/course_data.py", "--out", dataset], cwd=ROOT,
+                       check=True)
     model = os.path.join(run, "model_p0")
     without_dropout(args.model, model)
     log_one, one = train(1, model, os.path.join(run, "one"), args)
