@@ -29,7 +29,8 @@ parser = argparse.ArgumentParser(description=__doc__,
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--steps", type=int, default=3, help="Steps of each run.")
 parser.add_argument("--course", default=os.environ.get("COURSE", "runs/course"),
-                    help="The course's folder (experiments/course_data.py's parent).")
+                    help="The course's folder (experiments/course_data.py's parent), from the "
+                         "current folder.")
 parser.add_argument("--model", default=cli.default_model(), help="The model to start from.")
 parser.add_argument("--out", help="Where the two runs go. Default: COURSE/dist_sSEED.")
 
@@ -44,8 +45,8 @@ def without_dropout(model, out):
             json.dump(config, f, indent=2)
     cli.write_folder(out, "course_dist.py", write)
 
-def train(processes, model, out, args):
-    flags = ["train.py", "--model", model, "--dataset", os.path.join(args.course, "scifact"),
+def train(processes, model, dataset, out, args):
+    flags = ["train.py", "--model", model, "--dataset", dataset,
              "--split", "train", "--passage_max_len", "128", "--max_steps", str(args.steps),
              "--seed", str(args.seed), "--log_every", "1", "--out_dir", out, "--overwrite"]
     if processes == 1:
@@ -65,16 +66,16 @@ def flat(state):
 
 def main(args):
     from model import BiEncoder
-    args.course = os.path.abspath(args.course)  # the runs' cwd is the repository
-    run = os.path.abspath(args.out or os.path.join(args.course, f"dist_s{args.seed}"))
-    dataset = os.path.join(args.course, "scifact")
+    course = os.path.abspath(args.course)  # absolute: the runs' working folder is the repository
+    run = os.path.abspath(args.out or os.path.join(course, f"dist_s{args.seed}"))
+    dataset = os.path.join(course, "scifact")
     if not os.path.isdir(dataset):  # the course's SciFact, built as course.sh builds it
         subprocess.run([sys.executable, "experiments/course_data.py", "--out", dataset], cwd=ROOT,
                        check=True)
     model = os.path.join(run, "model_p0")
     without_dropout(args.model, model)
-    log_one, one = train(1, model, os.path.join(run, "one"), args)
-    log_two, two = train(2, model, os.path.join(run, "two"), args)
+    log_one, one = train(1, model, dataset, os.path.join(run, "one"), args)
+    log_two, two = train(2, model, dataset, os.path.join(run, "two"), args)
     print("step | loss, 1 process | loss, 2 processes | grad norm, 1 | grad norm, 2")
     for a, b in zip(log_one, log_two):
         print(f"{a['step']:4} | {a['loss']:.6f} | {b['loss']:.6f} | {a['grad_norm']:.5f} | "

@@ -29,6 +29,10 @@ GROUP=${GROUP:-4} MARGIN=${MARGIN:-0.95} MASK=${MASK:-1} EPOCHS=${EPOCHS:-3} LR=
 ADROP=${ADROP:-0} SEED=${SEED:-0} EVAL_EVERY=${EVAL_EVERY:-} DISTILL=${DISTILL:-} TEACHER=${TEACHER:-}
 DTYPE=${DTYPE:-fp32} EXTRA=${EXTRA:-} TAG=${TAG:-}  # more train.py flags (e.g. EXTRA="--lora_rank 16" TAG=lora16)
 SOUP=${SOUP:-} FNM=${FNM:-off} TOWERS=${TOWERS:-1} QUERY_PREFIX=${QUERY_PREFIX:-}
+if [ -n "$QUERY_PREFIX" ] && [ -z "$TAG" ]; then  # the folder's name must tell the runs apart
+    echo "error: QUERY_PREFIX needs a TAG, the run folder's name for it" >&2
+    exit 1
+fi
 RECIPE="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}"
 [ "$FNM" = off ] || RECIPE="${RECIPE}_fnm$FNM"
 if [ "$TOWERS" = 1 ]; then  # a query encoder and a document encoder, both starting from the model
