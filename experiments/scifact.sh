@@ -17,6 +17,8 @@
 #                                 after each epoch
 #   QUERY_PREFIX="Represent this sentence for searching relevant passages: " EXTRA="--pool_prompt 0" TAG=... an
 #                                 instruction before each query (saved with the model), left out of the pooling
+# DEV=300 ...: a dev split of 300 queries, which hold the default 100 (its own folder, OUT/dev300: mining and training
+# use the train part, which is smaller by as many queries).
 # FNM: train.py's --false_negative_margin, off as when the recipe was measured (train.py's default: auto,
 # 2 x TEMP).
 # DTYPE: the precision of mining, training and dev (fp32 by default: bf16 is the fast one only where the
@@ -28,11 +30,12 @@ OUT=${OUT:-runs/scifact}
 GROUP=${GROUP:-4} MARGIN=${MARGIN:-0.95} MASK=${MASK:-1} EPOCHS=${EPOCHS:-3} LR=${LR:-1e-4} TEMP=${TEMP:-0.05}
 ADROP=${ADROP:-0} SEED=${SEED:-0} EVAL_EVERY=${EVAL_EVERY:-} DISTILL=${DISTILL:-} TEACHER=${TEACHER:-}
 DTYPE=${DTYPE:-fp32} EXTRA=${EXTRA:-} TAG=${TAG:-}  # more train.py flags (e.g. EXTRA="--lora_rank 16" TAG=lora16)
-SOUP=${SOUP:-} FNM=${FNM:-off} TOWERS=${TOWERS:-1} QUERY_PREFIX=${QUERY_PREFIX:-}
+SOUP=${SOUP:-} FNM=${FNM:-off} TOWERS=${TOWERS:-1} QUERY_PREFIX=${QUERY_PREFIX:-} DEV=${DEV:-100}
 if [ -n "$QUERY_PREFIX" ] && [ -z "$TAG" ]; then  # the folder's name must tell the runs apart
     echo "error: QUERY_PREFIX needs a TAG, the run folder's name for it" >&2
     exit 1
 fi
+[ "$DEV" = 100 ] || OUT="$OUT/dev$DEV"  # the split the ids, mined negatives and runs in OUT belong to
 RECIPE="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}"
 [ "$FNM" = off ] || RECIPE="${RECIPE}_fnm$FNM"
 if [ "$TOWERS" = 1 ]; then  # a query encoder and a document encoder, both starting from the model
@@ -43,14 +46,14 @@ RUN="${RECIPE}_s${SEED}$SUFFIX"
 [ -z "$SOUP" ] || RUN="${RECIPE}_soup${SOUP// /}$SUFFIX"
 mkdir -p "$RUN"
 
-# 1. dev split: 100 of the 809 train queries, fixed by seed 0; training never sees them
-$PYTHON - "$OUT" <<'PY'
+# 1. dev split: DEV of the 809 train queries, fixed by seed 0; training never sees them
+$PYTHON - "$OUT" "$DEV" <<'PY'
 import random, sys
 import cli
 import data
 _, _, qrels = data.load_dataset("beir/scifact/train")
 ids = sorted(qrels)
-dev = set(random.Random(0).sample(ids, 100))
+dev = set(random.Random(0).sample(ids, int(sys.argv[2])))
 for name, part in (("dev", sorted(dev)), ("train", [q for q in ids if q not in dev])):
     cli.atomic_write(f"{sys.argv[1]}/{name}.ids", lambda f: f.writelines(q + "\n" for q in part))
 PY
