@@ -18,7 +18,7 @@
 #   QUERY_PREFIX="Represent this sentence for searching relevant passages: " EXTRA="--pool_prompt 0" TAG=... an
 #                                 instruction before each query (saved with the model), left out of the pooling
 # DEV=300 ...: a dev split of 300 queries, which hold the default 100 (its own folder, OUT/dev300: mining and training
-# use the train part, which is smaller by as many queries).
+# use the train part, which is smaller by as many queries; the zero-shot test, which no split changes, stays in OUT).
 # FNM: train.py's --false_negative_margin, off as when the recipe was measured (train.py's default: auto,
 # 2 x TEMP).
 # DTYPE: the precision of mining, training and dev (fp32 by default: bf16 is the fast one only where the
@@ -35,6 +35,7 @@ if [ -n "$QUERY_PREFIX" ] && [ -z "$TAG" ]; then  # the folder's name must tell 
     echo "error: QUERY_PREFIX needs a TAG, the run folder's name for it" >&2
     exit 1
 fi
+ZEROSHOT="$OUT/zeroshot"  # the base model's test scores: the same for every split
 [ "$DEV" = 100 ] || OUT="$OUT/dev$DEV"  # the split the ids, mined negatives and runs in OUT belong to
 RECIPE="$OUT/g${GROUP}_m${MARGIN}_mask${MASK}_e${EPOCHS}_lr${LR}_t${TEMP}_ad${ADROP}"
 [ "$FNM" = off ] || RECIPE="${RECIPE}_fnm$FNM"
@@ -67,7 +68,7 @@ test_eval() {  # $1: run folder; the rest: encode.py's model flags
 }
 
 # 2. zero-shot: the model we start from (its embeddings reused when already there)
-test_eval "$OUT/zeroshot"
+test_eval "$ZEROSHOT"
 
 # 3. hard negatives for the train part, mined with the model we start from (reused when already there)
 MINED="$OUT/mined_m${MARGIN}.jsonl"
