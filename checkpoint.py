@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -158,3 +159,12 @@ def watch_signals():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stop
+
+def exit_stopped(stop, step, out_dir, rank):
+    """After the checkpoint of a run that a signal stopped: exit as that signal would have ended the
+    process (status 128 + its number; a rank that did not get it says SIGTERM's). The run is not
+    finished, so a script that goes on to evaluate its model (set -e, &&) stops here instead."""
+    if rank == 0:
+        print(f"\nstopped by a signal after step {step}; checkpoint in {out_dir} "
+              f"(continue with --resume)")
+    sys.exit(128 + (stop["signal"] or signal.SIGTERM))

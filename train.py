@@ -21,7 +21,8 @@ recipe: off): at BGE's batch 1024 and temperature 0.02 MiniLM gets worse on NFCo
 0.3059 after 40 steps). On a GPU, bf16 and larger gradient-cache chunks change dropout's draws.
 
 Writes out_dir/model/ (Hugging Face + sentence-transformers files), train_state.pt (to resume),
-log.jsonl, train.png, best/ (the best on the dev set). SIGTERM or SIGINT: finish the step, save.
+log.jsonl, train.png, best/ (the best on the dev set). SIGTERM or SIGINT: finish the step, save,
+exit 128 + the signal's number (as if it had ended the process, so that a script stops there).
 """
 import dataclasses
 import functools
@@ -391,6 +392,7 @@ def main(args):
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", unit="step")
     batches = sampler.make_batches(model, train_data, remining.examples_at, args, setup,
                                    range(start, total_steps), rank, world)
+    stopping = False  # by a signal: saved, but not finished
     for batch in batches:
         t0 = time.time()
         step = batch["step"] + 1
@@ -432,9 +434,6 @@ def main(args):
         if step == total_steps or stopping or (args.save_every and step % args.save_every == 0):
             checkpoint.save(args, setup, step, parts, device, rank, world)
         if stopping:
-            if rank == 0:
-                print(f"\nstopped by a signal after step {step}; checkpoint in {args.out_dir} "
-                      f"(continue with --resume)")
             break
     bar.close()
     if rank == 0:
@@ -443,6 +442,8 @@ def main(args):
         print(f"saved {os.path.join(args.out_dir, 'model')} and train.png")
     if world > 1:
         torch.distributed.destroy_process_group()
+    if stopping:  # saved, but not finished: `train.py && evaluate.py` must not score this model
+        checkpoint.exit_stopped(stop, step, args.out_dir, rank)
 
 if __name__ == "__main__":
     cli.run(main, parser)
